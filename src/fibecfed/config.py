@@ -1,0 +1,376 @@
+"""Typed run configuration: dataclasses that validate themselves and reject unknown keys.
+
+A config is built from a YAML preset shipped in the package (or a user file) plus `key=value`
+overrides. Every problem is collected and reported at once, each naming its dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from fibecfed.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face model id, a local folder, or a packaged alias: "minilm" (all-MiniLM-L6-v2)
+    # or "smollm2" (SmolLM2-135M-Instruct from its GGUF file).
+    name: str = "minilm"
+    # "classifier": a sequence-classification head; "verbalizer": label words scored by the LM
+    # head (decoders only); "auto": classifier for encoders, verbalizer for decoders.
+    head: Literal["auto", "classifier", "verbalizer"] = "auto"
+    # Label words for the verbalizer, one per class in label order (None: the label names).
+    label_words: list[str] | None = None
+    # Prompt for the verbalizer; {text} and {text_pair} are replaced.
+    prompt_template: str = "{text}\nAnswer:"
+    max_length: int = 64
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Folder that caches converted models (GGUF -> safetensors). None: ~/.cache/fibecfed.
+    cache_dir: str | None = None
+
+    def _check(self, issues: list[str]) -> None:
+        if self.max_length < 8:
+            issues.append(f"model.max_length must be >= 8, got {self.max_length}")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # "auto": per-architecture default (see fibecfed.models.DEFAULT_TARGET_MODULES).
+    target_modules: list[str] | str = "auto"
+
+    def _check(self, issues: list[str]) -> None:
+        if self.r < 1:
+            issues.append(f"lora.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            issues.append(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class DataConfig:
+    # A preset ("tweets", "bbc_news", "sst2", "cola", "mrpc", "rte", "qnli", "subj"), "files"
+    # for your own TSV/CSV/JSONL, or "hf" for a Hugging Face dataset (needs network).
+    name: str = "tweets"
+    # Folder of a GLUE-format preset (sst2 ... subj).
+    path: str | None = None
+    train_file: str | None = None
+    test_file: str | None = None
+    format: Literal["auto", "tsv", "csv", "jsonl"] = "auto"
+    header: bool = True
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    # Column for the natural partition (partition.scheme=natural).
+    group_column: str | None = None
+    # Label names in class order; None: sorted unique labels of the train split.
+    labels: list[str] | None = None
+    hf_name: str | None = None
+    hf_config: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    # Share of the train split held out as test where a dataset has no test split.
+    test_fraction: float = 0.1
+    max_train_samples: int | None = None
+    max_test_samples: int | None = None
+
+    def _check(self, issues: list[str]) -> None:
+        if not 0.0 < self.test_fraction < 1.0:
+            issues.append(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
+        for key in ("max_train_samples", "max_test_samples"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                issues.append(f"data.{key} must be >= 1, got {value}")
+
+
+@dataclass
+class PartitionConfig:
+    scheme: Literal["iid", "dirichlet_label", "dirichlet_quantity", "natural"] = "dirichlet_label"
+    num_devices: int = 20
+    # Concentration of the per-device class priors (label skew) or sizes (quantity skew).
+    alpha: float = 0.5
+    # Concentration of the device sizes under label skew (FedPepTAO: 5).
+    size_alpha: float = 5.0
+    # A device with fewer train samples than this is an error (say how to fix it).
+    min_samples: int = 1
+
+    def _check(self, issues: list[str]) -> None:
+        if self.num_devices < 1:
+            issues.append(f"partition.num_devices must be >= 1, got {self.num_devices}")
+        if self.alpha <= 0 or self.size_alpha <= 0:
+            issues.append("partition.alpha and partition.size_alpha must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    """Local training on a device in one round."""
+
+    lr: float = 2e-3
+    # Learning rate of the classification head (None: same as lr).
+    head_lr: float | None = None
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    # Exactly one of local_steps / local_epochs is used: steps if set, else epochs.
+    local_steps: int | None = 4
+    local_epochs: float | None = None
+    max_grad_norm: float | None = 1.0
+    eval_batch_size: int = 64
+
+    def _check(self, issues: list[str]) -> None:
+        if self.lr <= 0:
+            issues.append(f"train.lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            issues.append(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if self.local_steps is None and self.local_epochs is None:
+            issues.append("set train.local_steps or train.local_epochs")
+        if self.local_steps is not None and self.local_steps < 1:
+            issues.append(f"train.local_steps must be >= 1, got {self.local_steps}")
+        if self.local_epochs is not None and self.local_epochs <= 0:
+            issues.append(f"train.local_epochs must be > 0, got {self.local_epochs}")
+
+
+@dataclass
+class FederationConfig:
+    rounds: int = 20
+    devices_per_round: int = 4
+    # Simulated link speed (both directions) for the simulated federated time.
+    bandwidth_mbps: float = 10.0
+    eval_every: int = 1
+    personalized_eval: bool = True
+
+    def _check(self, issues: list[str]) -> None:
+        if self.rounds < 1:
+            issues.append(f"federation.rounds must be >= 1, got {self.rounds}")
+        if self.devices_per_round < 1:
+            issues.append(f"federation.devices_per_round must be >= 1, got {self.devices_per_round}")
+        if self.bandwidth_mbps <= 0:
+            issues.append(f"federation.bandwidth_mbps must be > 0, got {self.bandwidth_mbps}")
+        if self.eval_every < 1:
+            issues.append(f"federation.eval_every must be >= 1, got {self.eval_every}")
+
+
+@dataclass
+class MethodConfig:
+    # fedavg and fedprox are presets of the same loop; see fibecfed.methods.
+    name: Literal["fedavg", "fedprox", "fibecfed"] = "fedavg"
+    # FedProx proximal term weight (0: off).
+    prox_mu: float = 0.0
+
+    def _check(self, issues: list[str]) -> None:
+        if self.prox_mu < 0:
+            issues.append(f"method.prox_mu must be >= 0, got {self.prox_mu}")
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+
+    def _check(self, issues: list[str]) -> None:
+        if self.federation.devices_per_round > self.partition.num_devices:
+            issues.append(
+                f"federation.devices_per_round ({self.federation.devices_per_round}) exceeds "
+                f"partition.num_devices ({self.partition.num_devices})"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a config from plain dicts, with type checks and every problem collected.
+
+
+def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """Check `value` against a type annotation; return (ok, coerced value)."""
+    origin = get_origin(annotation)
+    if annotation is Any:
+        return True, value
+    if origin in (Union, types.UnionType):
+        for arg in get_args(annotation):
+            ok, coerced = _type_ok(value, arg)
+            if ok:
+                return True, coerced
+        return False, value
+    if origin is Literal:
+        return value in get_args(annotation), value
+    if annotation is type(None):
+        return value is None, value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        (item_type,) = get_args(annotation)
+        coerced_items = []
+        for item in value:
+            ok, coerced = _type_ok(item, item_type)
+            if not ok:
+                return False, value
+            coerced_items.append(coerced)
+        return True, coerced_items
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if annotation is str:
+        # YAML reads `name=123` as an int; a string field takes it as text.
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return True, str(value)
+        return False, value
+    return isinstance(value, annotation), value
+
+
+def _describe(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_describe(get_args(annotation)[0])}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, issues: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            issues.append(f"unknown config key {dotted}{hint}; known keys: {', '.join(prefix + n for n in names)}")
+            continue
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                issues.append(f"{dotted} must be a mapping of keys, got {value!r}")
+                continue
+            kwargs[key] = _build(annotation, value, f"{dotted}.", issues)
+            continue
+        ok, coerced = _type_ok(value, annotation)
+        if not ok:
+            issues.append(f"{dotted} must be {_describe(annotation)}, got {value!r}")
+            continue
+        kwargs[key] = coerced
+    instance = cls(**kwargs)
+    return instance
+
+
+def _check_all(obj: Any, issues: list[str]) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_all(value, issues)
+    check = getattr(obj, "_check", None)
+    if check is not None:
+        check(issues)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig; raise ConfigError listing every problem."""
+    issues: list[str] = []
+    config = _build(RunConfig, data, "", issues)
+    if not issues:
+        _check_all(config, issues)
+    if issues:
+        raise ConfigError("invalid config: " + "; ".join(issues))
+    return config
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = target
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Parse `key.sub=value` strings; values are read as YAML (numbers, lists, null, text)."""
+    result: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. federation.rounds=5)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(result, key, value)
+    return result
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `update` into a copy of `base`."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("fibecfed") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_yaml(path_or_preset: str) -> dict[str, Any]:
+    """Read a config file, or a preset shipped in the package by name."""
+    path = Path(path_or_preset)
+    if path.is_file():
+        text = path.read_text()
+    else:
+        resource = resources.files("fibecfed") / "presets" / f"{path_or_preset}.yaml"
+        if not resource.is_file():
+            raise ConfigError(
+                f"config {path_or_preset!r} is neither a file nor a preset; presets: {', '.join(preset_names())}"
+            )
+        text = resource.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path_or_preset} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path_or_preset} must be a mapping of keys")
+    return data
+
+
+def load_config(config: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The default preset, then `config` (file or preset name), then `key=value` overrides."""
+    data = read_yaml("default")
+    if config is not None:
+        data = merge(data, read_yaml(config))
+    data = merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)
