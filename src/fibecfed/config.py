@@ -146,7 +146,11 @@ class FederationConfig:
     # Simulated link speed (both directions) for the simulated federated time.
     bandwidth_mbps: float = 10.0
     eval_every: int = 1
+    # Central evaluation on a fixed random subset of the test split of at most this size.
+    eval_samples: int | None = 1000
+    # Personalised evaluation: each sampled device's model on (at most this much of) its test part.
     personalized_eval: bool = True
+    device_eval_samples: int | None = 200
 
     def _check(self, issues: list[str]) -> None:
         if self.rounds < 1:
@@ -227,6 +231,12 @@ def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-3` (no dot) as text.
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
         return False, value
     if annotation is str:
         # YAML reads `name=123` as an int; a string field takes it as text.

@@ -1,0 +1,326 @@
+"""The in-process federated runner: K simulated devices, one model in memory.
+
+Each round: sample devices (seeded by run seed and round), run `device_round` for each, one
+after another, on the single model (their states swapped in and out), aggregate, evaluate,
+write a metrics line and a checkpoint. A killed run started again with the same output folder
+resumes after the last completed round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fibecfed import outputs
+from fibecfed.accounting import serialized_nbytes, simulated_round_seconds
+from fibecfed.config import RunConfig, config_to_dict
+from fibecfed.data.loaders import load_task
+from fibecfed.data.partition import partition_task
+from fibecfed.data.types import TaskData
+from fibecfed.encoding import encode_dataset
+from fibecfed.errors import ConfigError
+from fibecfed.federated import (
+    DeviceState,
+    DeviceUpdate,
+    LocalTrainSettings,
+    ModelRunner,
+    aggregate_updates,
+    device_round,
+    valid_updates,
+)
+from fibecfed.models import load_model
+from fibecfed.training import NonFiniteLossError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class Prepared:
+    """Data, partition and model, ready for rounds (built once per run)."""
+
+    task: TaskData
+    train_parts: list[list[int]]
+    test_parts: list[list[int]]
+    runner: ModelRunner
+    train: Any
+    test: Any
+    eval_indices: list[int]
+    device_eval_indices: list[list[int]]
+
+
+def default_label_words(label_names: list[str]) -> list[str]:
+    """The label names as next-token words (leading space: a word inside a sentence)."""
+    return [" " + name.replace("_", " ") for name in label_names]
+
+
+def prepare(config: RunConfig) -> Prepared:
+    """Load and partition the data, load the model, tokenise once."""
+    task = load_task(config.data, config.seed)
+    train_parts, test_parts = partition_task(task, config.partition, config.seed)
+    if config.federation.devices_per_round > len(train_parts):
+        raise ConfigError(
+            f"federation.devices_per_round ({config.federation.devices_per_round}) exceeds the "
+            f"{len(train_parts)} devices of the partition"
+        )
+    label_words = config.model.label_words or default_label_words(task.label_names)
+    if len(label_words) != len(task.label_names):
+        raise ConfigError(
+            f"model.label_words has {len(label_words)} words but the task has {len(task.label_names)} "
+            f"labels ({', '.join(task.label_names)})"
+        )
+    loaded = load_model(
+        config.model.name,
+        num_labels=len(task.label_names),
+        head=config.model.head,
+        label_words=label_words,
+        lora_r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules,
+        device=config.model.device,
+        cache_dir=config.model.cache_dir,
+        seed=config.seed,
+    )
+    template = config.model.prompt_template if loaded.head == "verbalizer" else None
+    train = encode_dataset(task.train, loaded.tokenizer, config.model.max_length, template)
+    test = encode_dataset(task.test, loaded.tokenizer, config.model.max_length, template)
+
+    rng = np.random.default_rng([config.seed, 0, 0, 7])
+    eval_indices = list(range(len(test)))
+    if config.federation.eval_samples is not None and len(eval_indices) > config.federation.eval_samples:
+        eval_indices = sorted(rng.choice(len(test), config.federation.eval_samples, replace=False).tolist())
+    cap = config.federation.device_eval_samples
+    device_eval = [sorted(part) if cap is None or len(part) <= cap else sorted(rng.choice(part, cap, replace=False).tolist()) for part in test_parts]
+    return Prepared(task, train_parts, test_parts, ModelRunner(loaded), train, test, eval_indices, device_eval)
+
+
+def train_settings(config: RunConfig) -> LocalTrainSettings:
+    t = config.train
+    return LocalTrainSettings(
+        lr=t.lr,
+        head_lr=t.head_lr,
+        weight_decay=t.weight_decay,
+        batch_size=t.batch_size,
+        local_steps=t.local_steps,
+        local_epochs=t.local_epochs,
+        max_grad_norm=t.max_grad_norm,
+        eval_batch_size=t.eval_batch_size,
+        prox_mu=config.method.prox_mu,
+    )
+
+
+def sample_devices(seed: int, round_num: int, num_devices: int, per_round: int) -> list[int]:
+    """The devices that train in `round_num`: a seeded draw without replacement, sorted."""
+    rng = np.random.default_rng([seed, round_num, 0, 0])
+    return sorted(rng.choice(num_devices, per_round, replace=False).tolist())
+
+
+def _weighted_mean(values: list[tuple[float, int]]) -> float | None:
+    total = sum(w for _, w in values)
+    return sum(v * w for v, w in values) / total if total else None
+
+
+class Simulation:
+    """Run `config` in-process, writing into `out_dir`."""
+
+    def __init__(self, config: RunConfig, out_dir: str | Path, progress: bool = False, resume: bool = True):
+        self.config = config
+        self.out = Path(out_dir)
+        self.progress = progress
+        self.resume = resume
+
+    def _check_existing(self) -> dict[str, Any] | None:
+        """Return a checkpoint to resume from, or None; refuse to mix two different runs."""
+        checkpoint = outputs.load_checkpoint(self.out / CHECKPOINT) if self.resume else None
+        if checkpoint is None:
+            return None
+        if checkpoint["config"] != config_to_dict(self.config):
+            raise ConfigError(
+                f"{self.out} holds a run with a different config; use another --out, or --fresh to start over"
+            )
+        return checkpoint
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        checkpoint = self._check_existing()
+        outputs.write_json(self.out / "config.json", config_to_dict(cfg))
+        prepared = prepare(cfg)
+        runner = prepared.runner
+        settings = train_settings(cfg)
+        num_classes = len(prepared.task.label_names)
+        num_devices = len(prepared.train_parts)
+
+        if checkpoint is not None:
+            start_round = checkpoint["round"] + 1
+            global_state = checkpoint["global_state"]
+            device_states = {int(k): DeviceState(**v) for k, v in checkpoint["device_states"].items()}
+            history = checkpoint["history"]
+            totals = checkpoint["totals"]
+            logger.info("resuming %s after round %d", self.out, checkpoint["round"])
+        else:
+            start_round = 1
+            global_state = runner.state()
+            device_states = {}
+            history = []
+            totals = {"wall_time_s": 0.0, "sim_time_s": 0.0, "upload_bytes": 0, "download_bytes": 0}
+            # Round 0: the starting point (the curve's first point, and the majority-rate check).
+            history.append(self._round0_row(prepared, global_state, num_classes))
+        outputs.write_metrics(self.out / "metrics.jsonl", history)
+
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.federation.rounds, initial=start_round - 1, desc="rounds", unit="round")
+            bar.set_postfix(acc=f"{history[-1].get('accuracy') or 0:.3f}")
+        for round_num in range(start_round, cfg.federation.rounds + 1):
+            started = time.perf_counter()
+            sampled = sample_devices(cfg.seed, round_num, num_devices, cfg.federation.devices_per_round)
+            updates: list[DeviceUpdate] = []
+            failed: list[int] = []
+            download = serialized_nbytes(global_state)
+            for device in sampled:
+                state = device_states.setdefault(device, DeviceState())
+                backup = dataclasses.replace(state)
+                try:
+                    update = device_round(
+                        runner,
+                        device,
+                        round_num,
+                        cfg.seed,
+                        global_state,
+                        state,
+                        prepared.train,
+                        prepared.train_parts[device],
+                        settings,
+                        test=prepared.test if cfg.federation.personalized_eval else None,
+                        test_indices=prepared.device_eval_indices[device],
+                        num_classes=num_classes,
+                    )
+                except NonFiniteLossError as exc:
+                    logger.warning("device %d failed in round %d (%s); it is left out of this round", device, round_num, exc)
+                    device_states[device] = backup
+                    failed.append(device)
+                    continue
+                updates.append(update)
+            good, dropped = valid_updates(updates)
+            global_state = aggregate_updates(global_state, [u.state for u in good], [u.num_samples for u in good])
+
+            upload_sizes = [serialized_nbytes(u.state) for u in updates]
+            download_sizes = [download] * (len(updates) + len(failed))
+            sim_round = simulated_round_seconds(
+                [u.compute_seconds for u in updates], download_sizes[: len(updates)], upload_sizes, cfg.federation.bandwidth_mbps
+            )
+            totals["upload_bytes"] += sum(upload_sizes)
+            totals["download_bytes"] += sum(download_sizes)
+            totals["sim_time_s"] += sim_round
+
+            row: dict[str, Any] = {"round": round_num, "devices": sampled}
+            if round_num % cfg.federation.eval_every == 0 or round_num == cfg.federation.rounds:
+                runner.load_state(global_state)
+                central = runner.evaluate(prepared.test, prepared.eval_indices, settings.eval_batch_size, num_classes)
+                row.update({"accuracy": central["accuracy"], "f1": central["f1"], "mcc": central["mcc"], "test_loss": central["loss"]})
+            else:
+                row.update({"accuracy": None})
+            personal = [(u.personalized, u.personalized_count) for u in updates if u.personalized]
+            row["personalized_accuracy"] = _weighted_mean([(p["accuracy"], n) for p, n in personal])
+            row["loss"] = _weighted_mean([(u.loss, u.num_samples) for u in updates])
+            row["failed_devices"] = sorted(failed + dropped)
+            totals["wall_time_s"] += time.perf_counter() - started
+            row.update(
+                {
+                    "wall_time_s": round(totals["wall_time_s"], 3),
+                    "sim_time_s": round(totals["sim_time_s"], 3),
+                    "upload_bytes": totals["upload_bytes"],
+                    "download_bytes": totals["download_bytes"],
+                    "round_upload_bytes": sum(upload_sizes),
+                }
+            )
+            history.append(row)
+            outputs.write_metrics(self.out / "metrics.jsonl", history)
+            outputs.save_checkpoint(
+                self.out / CHECKPOINT,
+                {
+                    "round": round_num,
+                    "config": config_to_dict(cfg),
+                    "global_state": global_state,
+                    "device_states": {k: dataclasses.asdict(v) for k, v in device_states.items()},
+                    "history": history,
+                    "totals": totals,
+                },
+            )
+            if bar is not None:
+                bar.update(1)
+                if row.get("accuracy") is not None:
+                    bar.set_postfix(acc=f"{row['accuracy']:.3f}", loss=f"{row['loss']:.3f}" if row["loss"] is not None else "-")
+        if bar is not None:
+            bar.close()
+
+        return self._finish(prepared, global_state, history)
+
+    def _round0_row(self, prepared: Prepared, global_state: dict, num_classes: int) -> dict[str, Any]:
+        runner = prepared.runner
+        runner.load_state(global_state)
+        central = runner.evaluate(prepared.test, prepared.eval_indices, self.config.train.eval_batch_size, num_classes)
+        return {
+            "round": 0,
+            "devices": [],
+            "accuracy": central["accuracy"],
+            "f1": central["f1"],
+            "mcc": central["mcc"],
+            "test_loss": central["loss"],
+            "personalized_accuracy": None,
+            "loss": None,
+            "failed_devices": [],
+            "wall_time_s": 0.0,
+            "sim_time_s": 0.0,
+            "upload_bytes": 0,
+            "download_bytes": 0,
+            "round_upload_bytes": 0,
+        }
+
+    def _finish(self, prepared: Prepared, global_state: dict, history: list[dict[str, Any]]) -> dict[str, Any]:
+        runner = prepared.runner
+        runner.load_state(global_state)
+        adapter_dir = self.out / "adapter"
+        # peft's own format: PeftModel.from_pretrained(base_model, adapter_dir) loads it.
+        runner.loaded.model.save_pretrained(adapter_dir)
+        runner.loaded.tokenizer.save_pretrained(adapter_dir)
+        evaluated = [r for r in history if r.get("accuracy") is not None]
+        labels = prepared.task.test.labels
+        majority = max(labels.count(c) for c in set(labels)) / len(labels) if labels else None
+        last = history[-1]
+        summary = {
+            "method": self.config.method.name,
+            "model": self.config.model.name,
+            "data": prepared.task.name,
+            "rounds": last["round"],
+            "num_devices": len(prepared.train_parts),
+            "label_names": prepared.task.label_names,
+            "majority_rate": majority,
+            "initial_accuracy": evaluated[0]["accuracy"] if evaluated else None,
+            "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
+            "best_accuracy": max(r["accuracy"] for r in evaluated) if evaluated else None,
+            "final_f1": evaluated[-1].get("f1") if evaluated else None,
+            "final_mcc": evaluated[-1].get("mcc") if evaluated else None,
+            "headline_metric": prepared.task.metric,
+            "final_personalized_accuracy": last.get("personalized_accuracy"),
+            "wall_time_s": last["wall_time_s"],
+            "sim_time_s": last["sim_time_s"],
+            "upload_bytes": last["upload_bytes"],
+            "download_bytes": last["download_bytes"],
+            "trainable_parameters": sum(v.numel() for v in global_state.values()),
+            "adapter_dir": str(adapter_dir),
+        }
+        outputs.write_json(self.out / "summary.json", summary)
+        outputs.plot_metrics(history, self.out / "accuracy.png", title=f"{self.config.method.name} on {prepared.task.name}")
+        return summary

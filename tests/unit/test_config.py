@@ -1,0 +1,68 @@
+import pytest
+
+from fibecfed.config import config_from_dict, load_config, parse_overrides
+from fibecfed.errors import ConfigError
+
+
+def test_default_preset_loads():
+    config = load_config()
+    assert config.data.name == "tweets"
+    assert config.model.name == "minilm"
+    assert config.method.name == "fedavg"
+
+
+def test_overrides_are_typed():
+    config = load_config(None, ["federation.rounds=3", "train.lr=1e-3", "lora.target_modules=[query,value]", "data.max_train_samples=null"])
+    assert config.federation.rounds == 3
+    assert config.train.lr == pytest.approx(1e-3)
+    assert config.lora.target_modules == ["query", "value"]
+    assert config.data.max_train_samples is None
+
+
+def test_int_is_accepted_for_float():
+    config = load_config(None, ["train.lr=1"])
+    assert isinstance(config.train.lr, float) and config.train.lr == 1.0
+
+
+def test_unknown_key_names_key_and_suggests():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["federation.round=3"])
+    assert "federation.round" in str(err.value)
+    assert "did you mean federation.rounds" in str(err.value)
+
+
+def test_unknown_section():
+    with pytest.raises(ConfigError, match="unknown config key optimizer"):
+        config_from_dict({"optimizer": {"lr": 1}})
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.batch_size=abc", "method.name=sgd", "federation.rounds=2.5"])
+    message = str(err.value)
+    assert "train.batch_size" in message and "method.name" in message and "federation.rounds" in message
+
+
+def test_range_checks():
+    with pytest.raises(ConfigError, match="lora.r must be >= 1"):
+        load_config(None, ["lora.r=0"])
+    with pytest.raises(ConfigError, match="devices_per_round"):
+        load_config(None, ["federation.devices_per_round=30"])
+
+
+def test_bool_is_not_an_int():
+    with pytest.raises(ConfigError, match="federation.rounds"):
+        load_config(None, ["federation.rounds=true"])
+
+
+def test_override_syntax_error():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["rounds"])
+
+
+def test_config_file_and_missing_preset(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("federation:\n  rounds: 7\n")
+    assert load_config(str(path)).federation.rounds == 7
+    with pytest.raises(ConfigError, match="neither a file nor a preset"):
+        load_config("no-such-preset")
