@@ -64,7 +64,7 @@ def default_label_words(label_names: list[str]) -> list[str]:
 def prepare(config: RunConfig) -> Prepared:
     """Load and partition the data, load the model, tokenise once."""
     task = load_task(config.data, config.seed)
-    train_parts, test_parts = partition_task(task, config.partition, config.seed)
+    train_parts, test_parts = partition_task(task, config.partition, config.seed, config.data.group_column is not None)
     if config.federation.devices_per_round > len(train_parts):
         raise ConfigError(
             f"federation.devices_per_round ({config.federation.devices_per_round}) exceeds the "

@@ -1,0 +1,147 @@
+"""Easy-to-hard curriculum: how much of its data a device uses in a round, and which samples
+(method.md, Part 1, "Pacing").
+
+Round convention: rounds are numbered from 1, and round r of T uses t = r - 1 in the pacing
+formulas, so round 1 trains on exactly the start fraction λ0 and the full data is reached at
+t = β·T, i.e. from round β·T + 1 on (round 9 of 10 with β = 0.8).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+
+# g(t, T, λ0, β, **options) -> fraction of the data; see `pacing_fraction`.
+PacingFn = Callable[..., float]
+PACING: dict[str, PacingFn] = {}
+
+# Pacing fractions like 0.2 + 0.8·4/8 are 0.6000000000000001 in floating point; without this
+# slack the pool would be ceil(6.000000000000001) = 7 samples out of 10 instead of 6.
+_EPS = 1e-9
+
+PoolOrder = Literal["easy_first", "hard_first", "random"]
+_ORDERS = ("easy_first", "hard_first", "random")
+
+
+def register_pacing(name: str) -> Callable[[PacingFn], PacingFn]:
+    """Decorator adding a pacing function g(t, total_rounds, start_fraction, full_at, **kw) to PACING."""
+
+    def register(fn: PacingFn) -> PacingFn:
+        if name in PACING:
+            raise ValueError(f"pacing function {name!r} is already registered")
+        PACING[name] = fn
+        return fn
+
+    return register
+
+
+def _progress(t: int, total_rounds: int, full_at: float) -> float:
+    """t / (β·T): 0 in the first round, 1 when the full data is due."""
+    return t / (full_at * total_rounds)
+
+
+@register_pacing("linear")
+def linear_pacing(t: int, total_rounds: int, start_fraction: float, full_at: float) -> float:
+    """g(t) = min(1, λ0 + (1-λ0)·t/(β·T)), method.md's default."""
+    return min(1.0, start_fraction + (1.0 - start_fraction) * _progress(t, total_rounds, full_at))
+
+
+@register_pacing("root")
+def root_pacing(t: int, total_rounds: int, start_fraction: float, full_at: float) -> float:
+    """g(t) = min(1, sqrt(λ0² + (1-λ0²)·t/(β·T))) (Platanios et al. 2019): fast growth early."""
+    squared = start_fraction**2
+    return min(1.0, math.sqrt(squared + (1.0 - squared) * _progress(t, total_rounds, full_at)))
+
+
+@register_pacing("step")
+def step_pacing(t: int, total_rounds: int, start_fraction: float, full_at: float, steps: int = 4) -> float:
+    """g(t) = min(1, λ0 + (1-λ0)·floor(t/(β·T/S))/S): S equal jumps, the last at t = β·T."""
+    if steps < 1:
+        raise ValueError(f"step pacing needs steps >= 1, got {steps}")
+    reached = math.floor(_progress(t, total_rounds, full_at) * steps + _EPS)
+    return min(1.0, start_fraction + (1.0 - start_fraction) * reached / steps)
+
+
+@register_pacing("none")
+def no_pacing(t: int, total_rounds: int, start_fraction: float, full_at: float) -> float:
+    """All data in every round (the no-curriculum ablation)."""
+    return 1.0
+
+
+def pacing_fraction(
+    name: str,
+    round_num: int,
+    total_rounds: int,
+    start_fraction: float = 0.2,
+    full_at: float = 0.8,
+    **kw: float,
+) -> float:
+    """Share of a device's data to train on in round `round_num` (1-based) of `total_rounds`.
+
+    start_fraction is λ0, the share in round 1; full_at is β, the part of the rounds after which
+    all data is used. Extra keywords go to the pacing function (step: `steps`, default 4).
+    Returns a value in [start_fraction, 1] (1 for "none").
+    """
+    if name not in PACING:
+        raise ValueError(f"unknown pacing function {name!r}; choose one of {sorted(PACING)}")
+    problems = []
+    if total_rounds < 1:
+        problems.append(f"total_rounds must be >= 1, got {total_rounds}")
+    if not 1 <= round_num:
+        problems.append(f"round_num counts from 1, got {round_num}")
+    if not 0.0 < start_fraction <= 1.0:
+        problems.append(f"start_fraction must be in (0, 1], got {start_fraction}")
+    if not full_at > 0.0:
+        problems.append(f"full_at must be > 0, got {full_at}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    fraction = PACING[name](round_num - 1, total_rounds, start_fraction, full_at, **kw)
+    if fraction >= 1.0 - _EPS:
+        return 1.0
+    return max(start_fraction, fraction)
+
+
+def pool_size(fraction: float, n: int) -> int:
+    """⌈fraction·n⌉ samples, at least 1 when n > 0 (floating-point noise does not round up)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"curriculum fraction must be in (0, 1], got {fraction}")
+    if n == 0:
+        return 0
+    return min(n, max(1, math.ceil(fraction * n - _EPS)))
+
+
+def curriculum_pool(
+    indices: Sequence[int],
+    scores: Sequence[float] | torch.Tensor,
+    fraction: float,
+    order: PoolOrder = "easy_first",
+    rng: np.random.Generator | None = None,
+) -> list[int]:
+    """The ⌈fraction·n⌉ samples of `indices` to train on this round (method.md Part 1).
+
+    easy_first: the lowest difficulty scores, easiest first; hard_first: the highest, hardest
+    first (ablation); random: a random subset drawn with `rng` (ablation, scores unused). Equal
+    scores are ordered by index, so the pool does not depend on the order of `indices`.
+    """
+    if order not in _ORDERS:
+        raise ValueError(f"unknown curriculum order {order!r}; choose one of {list(_ORDERS)}")
+    score_list = [float(s) for s in (scores.tolist() if isinstance(scores, torch.Tensor) else scores)]
+    if len(score_list) != len(indices):
+        raise ValueError(f"{len(indices)} indices but {len(score_list)} scores")
+    if any(math.isnan(s) for s in score_list):
+        raise ValueError("difficulty scores contain NaN; re-score the device's data")
+    size = pool_size(fraction, len(indices))
+    items = [(s, int(i)) for s, i in zip(score_list, indices)]
+    if order == "easy_first":
+        ranked = sorted(items, key=lambda item: (item[0], item[1]))
+    elif order == "hard_first":
+        ranked = sorted(items, key=lambda item: (-item[0], item[1]))
+    else:
+        if rng is None:
+            raise ValueError("order='random' needs an rng (numpy.random.Generator)")
+        ranked = [items[j] for j in rng.permutation(len(items))]
+    return [index for _, index in ranked[:size]]
