@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tiny models run fastest on one thread (and do not fight the CLI runs of integration tests).
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = Path(os.environ.get("FIBECFED_SHARED_DATASETS", REPO.parent / "shared" / "datasets"))
 
@@ -58,3 +61,40 @@ def random_batch(batch_size: int = 4, length: int = 6, num_labels: int = 3, seed
     attention_mask[0, -2:] = 0  # one padded row
     labels = torch.randint(0, num_labels, (batch_size,), generator=g)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory) -> Path:
+    """A 4-layer BERT with hidden size 16 and the packaged MiniLM's real tokenizer, saved as a
+    local Hugging Face folder: the simulator loads it by path like any user model."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from fibecfed.models import resolve_model_path
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=128,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_run_overrides(model_dir: Path, rounds: int = 2) -> list[str]:
+    """A run on a tiny model and 400 real tweets: seconds, not minutes."""
+    return [
+        f"model.name={model_dir}",
+        "model.max_length=32",
+        "data.max_train_samples=400",
+        "data.max_test_samples=100",
+        "partition.num_devices=4",
+        "federation.devices_per_round=2",
+        f"federation.rounds={rounds}",
+        "federation.device_eval_samples=20",
+        "train.batch_size=8",
+        "train.local_steps=2",
+        "train.lr=0.01",
+    ]

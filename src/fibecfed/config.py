@@ -164,14 +164,93 @@ class FederationConfig:
 
 
 @dataclass
-class MethodConfig:
-    # fedavg and fedprox are presets of the same loop; see fibecfed.methods.
-    name: Literal["fedavg", "fedprox", "fibecfed"] = "fedavg"
-    # FedProx proximal term weight (0: off).
-    prox_mu: float = 0.0
+class CurriculumConfig:
+    """Part 1 of FibecFed: train each device easy-to-hard by Fisher-information difficulty."""
+
+    # None: on for method.name=fibecfed, off otherwise.
+    enabled: bool | None = None
+    # Share of a device's easiest samples used in round t: linear | root | step | none.
+    pacing: Literal["linear", "root", "step", "none"] = "linear"
+    start_fraction: float = 0.2  # lambda_0: share in the first round
+    full_at: float = 0.8  # beta: all data from this share of the rounds on
+    # easy_first (the method), hard_first (anti-curriculum ablation), random (pool of random samples).
+    order: Literal["easy_first", "hard_first", "random"] = "easy_first"
+    # Gradient of log p(y|x) with respect to the adapters (+head) or the input embeddings.
+    score_wrt: Literal["adapters", "embeddings"] = "adapters"
+    normalize_by_length: bool = False
+    # Re-score a device's data with the current model every R rounds (0: only at first participation).
+    rescore_every: int = 0
+    score_batch_size: int = 32
 
     def _check(self, issues: list[str]) -> None:
-        if self.prox_mu < 0:
+        if not 0.0 < self.start_fraction <= 1.0:
+            issues.append(f"method.curriculum.start_fraction must be in (0, 1], got {self.start_fraction}")
+        if not 0.0 < self.full_at <= 1.0:
+            issues.append(f"method.curriculum.full_at must be in (0, 1], got {self.full_at}")
+        if self.rescore_every < 0:
+            issues.append(f"method.curriculum.rescore_every must be >= 0, got {self.rescore_every}")
+
+
+@dataclass
+class LayerSelectionConfig:
+    """Part 2a: aggregate only the global aggregation layers (GAL); the rest stay on the device."""
+
+    enabled: bool | None = None  # None: on for method.name=fibecfed
+    share: float = 0.5  # share of the transformer layers that are aggregated
+    # sensitivity (most sensitive first), reverse, random, all.
+    policy: Literal["sensitivity", "reverse", "random", "all"] = "sensitivity"
+    measure: Literal["gain", "output_change"] = "gain"
+    noise_scale: float = 0.01
+    # Re-select the layers every R rounds (0: chosen once, in the first round).
+    refresh_every: int = 0
+    probe_samples: int = 32  # samples per device for the sensitivity probe
+
+    def _check(self, issues: list[str]) -> None:
+        if not 0.0 < self.share <= 1.0:
+            issues.append(f"method.layers.share must be in (0, 1], got {self.share}")
+        if self.noise_scale <= 0:
+            issues.append(f"method.layers.noise_scale must be > 0, got {self.noise_scale}")
+        if self.refresh_every < 0:
+            issues.append(f"method.layers.refresh_every must be >= 0, got {self.refresh_every}")
+
+
+@dataclass
+class SparseUpdateConfig:
+    """Part 2b: update non-aggregated layers only at their most important neurons."""
+
+    enabled: bool | None = None  # None: on for method.name=fibecfed
+    share: float = 0.1  # rho: share of the neurons (rows of each LoRA matrix) that train
+    gamma: float = 0.9  # momentum of the Fisher: F_t = gamma F_{t-1} + (1 - gamma) F~_t
+    fisher_samples: int = 64  # samples per participation for the diagonal Fisher F~_t
+
+    def _check(self, issues: list[str]) -> None:
+        if not 0.0 <= self.share <= 1.0:
+            issues.append(f"method.sparse.share must be in [0, 1], got {self.share}")
+        if not 0.0 <= self.gamma < 1.0:
+            issues.append(f"method.sparse.gamma must be in [0, 1), got {self.gamma}")
+
+
+@dataclass
+class MethodConfig:
+    # fedavg, fedprox and fibecfed are one loop with different switches (see README, Methods).
+    name: Literal["fedavg", "fedprox", "fibecfed"] = "fedavg"
+    # FedProx proximal term weight; None: 0.01 for fedprox, 0 otherwise.
+    prox_mu: float | None = None
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    layers: LayerSelectionConfig = field(default_factory=LayerSelectionConfig)
+    sparse: SparseUpdateConfig = field(default_factory=SparseUpdateConfig)
+
+    def _resolve(self) -> None:
+        """Fill the switches left at None from the method's name."""
+        is_fibecfed = self.name == "fibecfed"
+        for part in (self.curriculum, self.layers, self.sparse):
+            if part.enabled is None:
+                part.enabled = is_fibecfed
+        if self.prox_mu is None:
+            self.prox_mu = 0.01 if self.name == "fedprox" else 0.0
+
+    def _check(self, issues: list[str]) -> None:
+        if self.prox_mu is not None and self.prox_mu < 0:
             issues.append(f"method.prox_mu must be >= 0, got {self.prox_mu}")
 
 
@@ -299,8 +378,12 @@ def _check_all(obj: Any, issues: list[str]) -> None:
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Build and validate a RunConfig; raise ConfigError listing every problem."""
     issues: list[str] = []
+    if isinstance(data.get("method"), str):
+        # `method=fibecfed` is shorthand for `method.name=fibecfed`.
+        data = {**data, "method": {"name": data["method"]}}
     config = _build(RunConfig, data, "", issues)
     if not issues:
+        config.method._resolve()
         _check_all(config, issues)
     if issues:
         raise ConfigError("invalid config: " + "; ".join(issues))
@@ -330,6 +413,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. federation.rounds=5)")
         key, raw = item.split("=", 1)
         key = key.strip()
+        if key == "method":
+            key = "method.name"  # `method=fibecfed` is shorthand
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
         try:

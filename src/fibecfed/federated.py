@@ -15,11 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from fibecfed.adapters import AdapterState, get_state, set_state, trainable_parameters
+from fibecfed.adapters import AdapterState, get_state, is_lora_key, set_state, trainable_parameters
 from fibecfed.aggregation import has_non_finite, merge_state, weighted_average
+from fibecfed.curriculum import curriculum_pool, pacing_fraction
 from fibecfed.encoding import EncodedDataset, collate
+from fibecfed.fisher import score_and_fisher, score_dataset
 from fibecfed.evaluation import classification_metrics, predict
 from fibecfed.heads import class_logits
+from fibecfed.layers import layer_sensitivity
+from fibecfed.masks import neuron_importance, neuron_masks, update_fisher_momentum
 from fibecfed.models import LoadedModel
 from fibecfed.training import NonFiniteLossError, local_train, num_local_steps, sample_batches
 
@@ -39,6 +43,31 @@ class LocalTrainSettings:
     max_grad_norm: float | None
     eval_batch_size: int
     prox_mu: float = 0.0
+
+
+@dataclass(frozen=True)
+class CurriculumSettings:
+    """Part 1 switches (see config.CurriculumConfig)."""
+
+    pacing: str = "linear"
+    start_fraction: float = 0.2
+    full_at: float = 0.8
+    order: str = "easy_first"
+    score_wrt: str = "adapters"
+    normalize_by_length: bool = False
+    rescore_every: int = 0
+    score_batch_size: int = 32
+    total_rounds: int = 1
+
+
+@dataclass(frozen=True)
+class SparseSettings:
+    """Part 2b switches (see config.SparseUpdateConfig)."""
+
+    share: float = 0.1
+    gamma: float = 0.9
+    fisher_samples: int = 64
+    batch_size: int = 32
 
 
 @dataclass
@@ -64,6 +93,9 @@ class DeviceUpdate:
     steps: int
     personalized: dict[str, float] | None = None  # metrics of the device's model on its test part
     personalized_count: int = 0
+    curriculum_fraction: float = 1.0  # share of the device's data in this round's pool
+    pool_size: int = 0
+    scoring_seconds: float = 0.0  # part of compute_seconds spent on difficulty scores and Fisher
 
 
 class ModelRunner:
@@ -113,6 +145,86 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.default_rng(list(parts)).integers(0, 2**63 - 1))
 
 
+def _length_sorted(encoded: EncodedDataset, indices: Sequence[int]) -> list[int]:
+    """Indices ordered by token length, so scoring batches carry little padding."""
+    return sorted(indices, key=lambda i: len(encoded.input_ids[i]))
+
+
+def difficulty_of_device(
+    runner: ModelRunner, train: EncodedDataset, train_indices: Sequence[int], settings: CurriculumSettings
+) -> torch.Tensor:
+    """Fisher difficulty score of each of the device's samples, shape (n_k,), in `train_indices` order."""
+    ordered = _length_sorted(train, train_indices)
+    scores = score_dataset(
+        runner.loaded.model,
+        runner.params,
+        runner.logits,
+        lambda idx: runner.batch(train, idx),
+        ordered,
+        settings.score_batch_size,
+        wrt=settings.score_wrt,
+        normalize_by_length=settings.normalize_by_length,
+    )
+    by_index = dict(zip(ordered, scores.tolist()))
+    return torch.tensor([by_index[i] for i in train_indices], dtype=torch.float32)
+
+
+def curriculum_round_pool(
+    runner: ModelRunner,
+    train: EncodedDataset,
+    train_indices: Sequence[int],
+    device_state: DeviceState,
+    round_num: int,
+    settings: CurriculumSettings,
+    rng: np.random.Generator,
+) -> tuple[list[int], float]:
+    """This round's training pool: the easiest ⌈g(t)·n_k⌉ samples (method.md Part 1).
+
+    Scores are computed at the device's first participation and, if `rescore_every` > 0, again
+    once that many rounds have passed, with the model the device has at that moment.
+    """
+    scored_round = device_state.extra.get("scored_round")
+    stale = settings.rescore_every > 0 and scored_round is not None and round_num - scored_round >= settings.rescore_every
+    if "scores" not in device_state.extra or stale:
+        device_state.extra["scores"] = difficulty_of_device(runner, train, train_indices, settings)
+        device_state.extra["scored_round"] = round_num
+    fraction = pacing_fraction(
+        settings.pacing, round_num, settings.total_rounds, start_fraction=settings.start_fraction, full_at=settings.full_at
+    )
+    pool = curriculum_pool(list(train_indices), device_state.extra["scores"], fraction, order=settings.order, rng=rng)
+    return pool, fraction
+
+
+def sparse_update_masks(
+    runner: ModelRunner,
+    train: EncodedDataset,
+    pool: Sequence[int],
+    personal_keys: Sequence[str],
+    device_state: DeviceState,
+    settings: SparseSettings,
+    rng: np.random.Generator,
+) -> dict[str, torch.Tensor]:
+    """Masks that let only the most important neurons of the non-aggregated layers train.
+
+    The diagonal Fisher of this round, F~_t = mean_i g_i² over a sample of the pool, is smoothed
+    with the device's momentum, F_t = γ F_{t-1} + (1-γ) F~_t (method.md Part 2), and the top
+    share ρ of each LoRA matrix's rows by neuron-wise Fisher may change.
+    """
+    lora_keys = [k for k in personal_keys if is_lora_key(k)]
+    if not lora_keys:
+        return {}
+    probe_size = min(settings.fisher_samples, len(pool))
+    probe = _length_sorted(train, rng.choice(np.asarray(pool), probe_size, replace=False).tolist())
+    personal_params = {k: runner.params[k] for k in lora_keys}
+    _, fisher_now = score_and_fisher(
+        runner.loaded.model, personal_params, runner.logits, lambda idx: runner.batch(train, idx), probe, settings.batch_size
+    )
+    fisher = update_fisher_momentum(device_state.extra.get("fisher"), fisher_now, settings.gamma)
+    device_state.extra["fisher"] = fisher
+    shapes = {k: runner.params[k].shape for k in lora_keys}
+    return neuron_masks(neuron_importance(fisher), shapes, settings.share)
+
+
 def device_round(
     runner: ModelRunner,
     device: int,
@@ -127,27 +239,39 @@ def device_round(
     test_indices: Sequence[int] = (),
     num_classes: int = 2,
     exchanged_keys: Sequence[str] | None = None,
+    curriculum: CurriculumSettings | None = None,
+    sparse: SparseSettings | None = None,
 ) -> DeviceUpdate:
     """Download, train locally, and return what the device uploads.
 
     The model is loaded with the global state for the exchanged keys and the device's own
     personal state for the rest; after training, the personal entries are written back into
-    `device_state` and the exchanged ones are returned.
+    `device_state` and the exchanged ones are returned. With every method switch off
+    (curriculum=None, sparse=None, all keys exchanged) this is FedAvg's local step.
     """
     keys = list(exchanged_keys) if exchanged_keys is not None else runner.keys
+    exchanged = set(keys)
     runner.load_state({k: global_state[k] for k in keys}, strict=False)
-    personal_keys = [k for k in runner.keys if k not in set(keys)]
+    personal_keys = [k for k in runner.keys if k not in exchanged]
     if personal_keys:
         # First participation: the device starts its personal layers from the initial global values.
         runner.load_state({k: device_state.personal.get(k, global_state[k]) for k in personal_keys}, strict=False)
 
     rng = np.random.default_rng([seed, round_num, device, 1])
-    steps = num_local_steps(len(train_indices), settings.batch_size, settings.local_steps, settings.local_epochs)
-    batch_indices = sample_batches(train_indices, settings.batch_size, steps, rng)
+    started = time.perf_counter()
+    pool, fraction = list(train_indices), 1.0
+    if curriculum is not None:
+        pool, fraction = curriculum_round_pool(runner, train, train_indices, device_state, round_num, curriculum, rng)
+    masks = None
+    if sparse is not None and personal_keys:
+        masks = sparse_update_masks(runner, train, pool, personal_keys, device_state, sparse, rng)
+    scoring_seconds = time.perf_counter() - started
+
+    steps = num_local_steps(len(pool), settings.batch_size, settings.local_steps, settings.local_epochs)
+    batch_indices = sample_batches(pool, settings.batch_size, steps, rng)
     anchor = {k: global_state[k] for k in keys} if settings.prox_mu > 0 else None
 
     runner.loaded.model.train()
-    started = time.perf_counter()
     # Dropout draws from torch's global RNG: seed it per (run, round, device) inside a fork so
     # the run is reproducible and resumable and the caller's RNG is left untouched.
     with torch.random.fork_rng(devices=[]):
@@ -162,6 +286,7 @@ def device_round(
             max_grad_norm=settings.max_grad_norm,
             prox_mu=settings.prox_mu,
             prox_anchor=anchor,
+            update_masks=masks,
         )
     compute_seconds = time.perf_counter() - started
 
@@ -181,7 +306,35 @@ def device_round(
         steps=result.steps,
         personalized=personalized,
         personalized_count=count,
+        curriculum_fraction=fraction,
+        pool_size=len(pool),
+        scoring_seconds=scoring_seconds,
     )
+
+
+def device_layer_scores(
+    runner: ModelRunner,
+    train: EncodedDataset,
+    train_indices: Sequence[int],
+    global_state: Mapping[str, torch.Tensor],
+    probe_samples: int,
+    noise_scale: float,
+    measure: str,
+    seed: int,
+    round_num: int,
+    device: int,
+) -> tuple[torch.Tensor, float]:
+    """A device's per-layer sensitivity (L,) on a random local batch, with the global model; and seconds."""
+    started = time.perf_counter()
+    runner.load_state(global_state)
+    rng = np.random.default_rng([seed, round_num, device, 3])
+    size = min(probe_samples, len(train_indices))
+    probe = _length_sorted(train, rng.choice(np.asarray(train_indices), size, replace=False).tolist())
+    generator = torch.Generator().manual_seed(derive_seed(seed, round_num, device, 4))
+    scores = layer_sensitivity(
+        runner.loaded.model, runner.batch(train, probe), noise_scale=noise_scale, generator=generator, measure=measure
+    )
+    return scores, time.perf_counter() - started
 
 
 def aggregate_updates(
@@ -210,6 +363,9 @@ def valid_updates(updates: Sequence[DeviceUpdate]) -> tuple[list[DeviceUpdate], 
 
 
 __all__ = [
+    "CurriculumSettings",
+    "SparseSettings",
+    "device_layer_scores",
     "DeviceState",
     "DeviceUpdate",
     "LocalTrainSettings",

@@ -91,7 +91,7 @@ def per_sample_gradients(
     """
     not_trainable = [key for key, p in params.items() if not p.requires_grad]
     if not_trainable:
-        raise ValueError(f"per-sample gradients need trainable parameters; requires_grad is False for {not_trainable[:3]}")
+        raise ValueError(f"per-sample gradients need trainable parameters; requires_grad=False: {not_trainable[:3]}")
     owners = _owning_linears(model, params)
     batch_size = int(batch["labels"].shape[0])
     grads: dict[str, torch.Tensor] = {}

@@ -196,7 +196,10 @@ def load_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if head == "classifier":
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+            # ignore_mismatched_sizes: a checkpoint fine-tuned for another label set gets a fresh head.
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, dtype=torch.float32, ignore_mismatched_sizes=True
+            )
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
             task_type = "SEQ_CLS"

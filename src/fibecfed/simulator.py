@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fibecfed import outputs
 from fibecfed.accounting import serialized_nbytes, simulated_round_seconds
@@ -26,6 +27,9 @@ from fibecfed.data.types import TaskData
 from fibecfed.encoding import encode_dataset
 from fibecfed.errors import ConfigError
 from fibecfed.federated import (
+    CurriculumSettings,
+    SparseSettings,
+    device_layer_scores,
     DeviceState,
     DeviceUpdate,
     LocalTrainSettings,
@@ -34,6 +38,7 @@ from fibecfed.federated import (
     device_round,
     valid_updates,
 )
+from fibecfed.layers import aggregation_keys, combine_layer_scores, select_aggregation_layers, transformer_layers
 from fibecfed.models import load_model
 from fibecfed.training import NonFiniteLossError
 
@@ -117,6 +122,31 @@ def train_settings(config: RunConfig) -> LocalTrainSettings:
     )
 
 
+def curriculum_settings(config: RunConfig) -> CurriculumSettings | None:
+    c = config.method.curriculum
+    if not c.enabled:
+        return None
+    return CurriculumSettings(
+        pacing=c.pacing,
+        start_fraction=c.start_fraction,
+        full_at=c.full_at,
+        order=c.order,
+        score_wrt=c.score_wrt,
+        normalize_by_length=c.normalize_by_length,
+        rescore_every=c.rescore_every,
+        score_batch_size=c.score_batch_size,
+        total_rounds=config.federation.rounds,
+    )
+
+
+def sparse_settings(config: RunConfig) -> SparseSettings | None:
+    sp = config.method.sparse
+    if not sp.enabled or not config.method.layers.enabled:
+        # Without layer selection every layer is aggregated: there is nothing to update sparsely.
+        return None
+    return SparseSettings(share=sp.share, gamma=sp.gamma, fisher_samples=sp.fisher_samples, batch_size=config.method.curriculum.score_batch_size)
+
+
 def sample_devices(seed: int, round_num: int, num_devices: int, per_round: int) -> list[int]:
     """The devices that train in `round_num`: a seeded draw without replacement, sorted."""
     rng = np.random.default_rng([seed, round_num, 0, 0])
@@ -156,6 +186,8 @@ class Simulation:
         prepared = prepare(cfg)
         runner = prepared.runner
         settings = train_settings(cfg)
+        curriculum = curriculum_settings(cfg)
+        sparse = sparse_settings(cfg)
         num_classes = len(prepared.task.label_names)
         num_devices = len(prepared.train_parts)
 
@@ -165,13 +197,16 @@ class Simulation:
             device_states = {int(k): DeviceState(**v) for k, v in checkpoint["device_states"].items()}
             history = checkpoint["history"]
             totals = checkpoint["totals"]
+            server = checkpoint["server"]
             logger.info("resuming %s after round %d", self.out, checkpoint["round"])
         else:
             start_round = 1
             global_state = runner.state()
             device_states = {}
             history = []
-            totals = {"wall_time_s": 0.0, "sim_time_s": 0.0, "upload_bytes": 0, "download_bytes": 0}
+            totals = {"wall_time_s": 0.0, "sim_time_s": 0.0, "upload_bytes": 0, "download_bytes": 0, "bytes_saved": 0}
+            # Server-side method state: the global aggregation layers and when they were chosen.
+            server = {"layers": None, "layers_round": None, "layer_scores": None}
             # Round 0: the starting point (the curve's first point, and the majority-rate check).
             history.append(self._round0_row(prepared, global_state, num_classes))
         outputs.write_metrics(self.out / "metrics.jsonl", history)
@@ -187,7 +222,13 @@ class Simulation:
             sampled = sample_devices(cfg.seed, round_num, num_devices, cfg.federation.devices_per_round)
             updates: list[DeviceUpdate] = []
             failed: list[int] = []
-            download = serialized_nbytes(global_state)
+            extra_seconds = {d: 0.0 for d in sampled}
+            extra_upload = {d: 0 for d in sampled}
+            if self._layers_due(server, round_num):
+                self._select_layers(prepared, global_state, sampled, round_num, server, extra_seconds, extra_upload)
+            exchanged = runner.keys if server["layers"] is None else aggregation_keys(runner.keys, server["layers"])
+            full_bytes = serialized_nbytes(global_state)
+            download = serialized_nbytes({k: global_state[k] for k in exchanged})
             for device in sampled:
                 state = device_states.setdefault(device, DeviceState())
                 backup = dataclasses.replace(state)
@@ -205,6 +246,9 @@ class Simulation:
                         test=prepared.test if cfg.federation.personalized_eval else None,
                         test_indices=prepared.device_eval_indices[device],
                         num_classes=num_classes,
+                        exchanged_keys=exchanged,
+                        curriculum=curriculum,
+                        sparse=sparse,
                     )
                 except NonFiniteLossError as exc:
                     logger.warning("device %d failed in round %d (%s); it is left out of this round", device, round_num, exc)
@@ -215,14 +259,19 @@ class Simulation:
             good, dropped = valid_updates(updates)
             global_state = aggregate_updates(global_state, [u.state for u in good], [u.num_samples for u in good])
 
-            upload_sizes = [serialized_nbytes(u.state) for u in updates]
+            upload_sizes = [serialized_nbytes(u.state) + extra_upload[u.device] for u in updates]
             download_sizes = [download] * (len(updates) + len(failed))
             sim_round = simulated_round_seconds(
-                [u.compute_seconds for u in updates], download_sizes[: len(updates)], upload_sizes, cfg.federation.bandwidth_mbps
+                [u.compute_seconds + extra_seconds[u.device] for u in updates],
+                download_sizes[: len(updates)],
+                upload_sizes,
+                cfg.federation.bandwidth_mbps,
             )
             totals["upload_bytes"] += sum(upload_sizes)
             totals["download_bytes"] += sum(download_sizes)
             totals["sim_time_s"] += sim_round
+            # What FedAvg would have sent for the same devices: the full adapter both ways.
+            totals["bytes_saved"] += 2 * full_bytes * len(updates) - sum(upload_sizes) - download * len(updates)
 
             row: dict[str, Any] = {"round": round_num, "devices": sampled}
             if round_num % cfg.federation.eval_every == 0 or round_num == cfg.federation.rounds:
@@ -235,6 +284,10 @@ class Simulation:
             row["personalized_accuracy"] = _weighted_mean([(p["accuracy"], n) for p, n in personal])
             row["loss"] = _weighted_mean([(u.loss, u.num_samples) for u in updates])
             row["failed_devices"] = sorted(failed + dropped)
+            row["curriculum_fraction"] = _weighted_mean([(u.curriculum_fraction, u.num_samples) for u in updates])
+            row["aggregated_layers"] = server["layers"]
+            row["bytes_saved_vs_fedavg"] = totals["bytes_saved"]
+            row["scoring_seconds"] = round(sum(u.scoring_seconds for u in updates), 3)
             totals["wall_time_s"] += time.perf_counter() - started
             row.update(
                 {
@@ -256,6 +309,7 @@ class Simulation:
                     "device_states": {k: dataclasses.asdict(v) for k, v in device_states.items()},
                     "history": history,
                     "totals": totals,
+                    "server": server,
                 },
             )
             if bar is not None:
@@ -266,6 +320,51 @@ class Simulation:
             bar.close()
 
         return self._finish(prepared, global_state, history)
+
+    def _layers_due(self, server: dict[str, Any], round_num: int) -> bool:
+        layers = self.config.method.layers
+        if not layers.enabled:
+            return False
+        if server["layers"] is None:
+            return True
+        return layers.refresh_every > 0 and round_num - server["layers_round"] >= layers.refresh_every
+
+    def _select_layers(
+        self,
+        prepared: Prepared,
+        global_state: dict,
+        sampled: list[int],
+        round_num: int,
+        server: dict[str, Any],
+        extra_seconds: dict[int, float],
+        extra_upload: dict[int, int],
+    ) -> None:
+        """Choose the global aggregation layers from the sampled devices' sensitivity scores.
+
+        Each device measures the sensitivity of every layer on a local batch and sends the L
+        scores (counted in its upload and compute time); the server averages them weighted by
+        data size and keeps the top share (method.md Part 2).
+        """
+        cfg = self.config.method.layers
+        scores, weights = [], []
+        if cfg.policy in ("sensitivity", "reverse"):
+            for device in sampled:
+                device_scores, seconds = device_layer_scores(
+                    prepared.runner, prepared.train, prepared.train_parts[device], global_state,
+                    cfg.probe_samples, cfg.noise_scale, cfg.measure, self.config.seed, round_num, device,
+                )
+                scores.append(device_scores)
+                weights.append(len(prepared.train_parts[device]))
+                extra_seconds[device] += seconds
+                extra_upload[device] += serialized_nbytes({"layer_scores": device_scores})
+            combined = combine_layer_scores(scores, weights)
+        else:
+            combined = torch.zeros(len(transformer_layers(prepared.runner.loaded.model)))
+        rng = np.random.default_rng([self.config.seed, round_num, 0, 5])
+        server["layers"] = select_aggregation_layers(combined, cfg.share, cfg.policy, rng=rng)
+        server["layers_round"] = round_num
+        server["layer_scores"] = [round(float(x), 6) for x in combined]
+        logger.info("round %d: aggregation layers %s (scores %s)", round_num, server["layers"], server["layer_scores"])
 
     def _round0_row(self, prepared: Prepared, global_state: dict, num_classes: int) -> dict[str, Any]:
         runner = prepared.runner
@@ -286,6 +385,10 @@ class Simulation:
             "upload_bytes": 0,
             "download_bytes": 0,
             "round_upload_bytes": 0,
+            "curriculum_fraction": None,
+            "aggregated_layers": None,
+            "bytes_saved_vs_fedavg": 0,
+            "scoring_seconds": 0.0,
         }
 
     def _finish(self, prepared: Prepared, global_state: dict, history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,0 +1,102 @@
+"""Sparse local update of the non-GAL layers: Fisher neuron importance, its momentum, the masks.
+
+method.md, Part 2: the LoRA parameters of layers outside the global aggregation layers stay on
+the device and only their most important neurons are updated. Importance is a neuron-wise sum of
+the diagonal Fisher (squared gradients), smoothed across rounds with momentum
+F_t = γ·F_{t-1} + (1-γ)·F̃_t; the mask keeps a share ρ of the neurons of each matrix.
+
+A "neuron" is a row of a parameter, i.e. one output unit of the matrix as a linear map
+(weights have shape (out, in)). For lora_A (r, in) a neuron is one of the r rank components; for
+lora_B (out_features, r) it is one output feature of the adapted linear layer. A 1-D parameter
+(a bias) has one neuron per entry. Masks are bool tensors of the parameter's shape (True = may
+change), the format `training.local_train(update_masks=...)` takes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+
+def neuron_importance(fisher: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Neuron-wise sum of a diagonal Fisher: (out, in, ...) -> (out,) by summing each row.
+
+    `fisher[key]` has the parameter's shape (e.g. squared gradients accumulated over samples).
+    """
+    importance = {}
+    for key, values in fisher.items():
+        if values.ndim == 0:
+            raise ValueError(f"Fisher of {key} is a scalar; a neuron needs at least one dimension")
+        importance[key] = values.reshape(values.shape[0], -1).sum(dim=1)  # (out,)
+    return importance
+
+
+def update_fisher_momentum(
+    previous: Mapping[str, torch.Tensor] | None, current: Mapping[str, torch.Tensor], gamma: float
+) -> dict[str, torch.Tensor]:
+    """F_t = γ·F_{t-1} + (1-γ)·F̃_t per key (method.md, γ = 0.9 by default).
+
+    With no previous value (a device's first participation) F_t = F̃_t: starting from F_0 = 0 would
+    shrink the first estimate to (1-γ)·F̃_1, biased toward zero (which only matters if importances
+    of different rounds are compared, but costs nothing to avoid). A key of `current` missing from
+    `previous` (a layer that just left the GAL) starts the same way; keys only in `previous` are
+    dropped: the result has exactly `current`'s keys.
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"Fisher momentum gamma must be in [0, 1], got {gamma}")
+    previous = previous or {}
+    updated = {}
+    for key, now in current.items():
+        before = previous.get(key)
+        if before is None:
+            updated[key] = now.clone()
+            continue
+        if before.shape != now.shape:
+            raise ValueError(f"Fisher of {key} changed shape: {tuple(before.shape)} before, {tuple(now.shape)} now")
+        updated[key] = gamma * before.to(now.device, now.dtype) + (1.0 - gamma) * now
+    return updated
+
+
+def _rows_kept(share: float, rows: int) -> int:
+    """ceil(share·rows), at least 1 when share > 0; 0 when share is 0.
+
+    A small tolerance keeps float products exact (0.7·10 = 7.000000000000001 must give 7, not 8).
+    """
+    if share <= 0.0:
+        return 0
+    return min(rows, max(1, math.ceil(share * rows - 1e-9)))
+
+
+def neuron_masks(
+    importance: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size], share: float
+) -> dict[str, torch.Tensor]:
+    """Update masks keeping the top share of rows of each parameter by importance.
+
+    importance[key]: (rows,) from `neuron_importance`; shapes[key]: the parameter's shape, rows =
+    shape[0]. Per parameter the ceil(share·rows) most important rows (at least 1) are True over
+    the whole row, the others False; ties go to the lower row index. share=1 gives all True,
+    share=0 all False (the parameter is frozen). The masks live on the importance's device.
+    """
+    if not 0.0 <= share <= 1.0 or math.isnan(share):
+        raise ValueError(f"share of updated neurons must be in [0, 1], got {share}")
+    if set(importance) != set(shapes):
+        missing, extra = sorted(set(shapes) - set(importance)), sorted(set(importance) - set(shapes))
+        raise KeyError(f"importance and shapes disagree: no importance for {missing[:3]}, no shape for {extra[:3]}")
+    masks = {}
+    for key, shape in shapes.items():
+        shape = torch.Size(shape)
+        scores = importance[key]
+        rows = shape[0] if len(shape) else 0
+        if scores.shape != (rows,):
+            raise ValueError(f"importance of {key} has shape {tuple(scores.shape)}, expected ({rows},) for {tuple(shape)}")
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError(f"importance of {key} is not finite")
+        kept = _rows_kept(share, rows)
+        # Stable descending sort: equal importances keep their order, so the lower row wins.
+        order = torch.sort(scores, descending=True, stable=True).indices[:kept]
+        row_mask = torch.zeros(rows, dtype=torch.bool, device=scores.device)
+        row_mask[order] = True
+        masks[key] = row_mask.reshape(rows, *([1] * (len(shape) - 1))).expand(shape).clone()
+    return masks

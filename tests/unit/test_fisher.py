@@ -1,0 +1,210 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fibecfed.adapters import is_lora_key, trainable_parameters
+from fibecfed.fisher import (
+    diagonal_fisher,
+    difficulty_scores,
+    per_sample_gradients,
+    score_and_fisher,
+    score_dataset,
+)
+from fibecfed.heads import class_logits
+from tests.conftest import random_batch, tiny_bert, tiny_llama
+
+LABEL_WORDS = torch.tensor([5, 6, 7])
+
+
+def _sample(batch, i):
+    """Sample i alone, a batch of one with its own attention mask (padding kept)."""
+    return {k: v[i : i + 1] for k, v in batch.items()}
+
+
+def per_sample_gradients_reference(params, logits_fn, batch):
+    """Naive loop: one backward per sample of that sample's loss alone."""
+    grads = {key: [] for key in params}
+    for i in range(batch["labels"].shape[0]):
+        one = _sample(batch, i)
+        loss = F.cross_entropy(logits_fn(one), one["labels"], reduction="sum")
+        for key, g in zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
+            grads[key].append(torch.zeros_like(params[key]) if g is None else g)
+    return {key: torch.stack(gs) for key, gs in grads.items()}
+
+
+def embedding_scores_reference(model, logits_fn, batch):
+    scores = []
+    for i in range(batch["labels"].shape[0]):
+        one = _sample(batch, i)
+        embeds = model.get_input_embeddings()(one["input_ids"]).detach().requires_grad_(True)
+        inputs = {k: v for k, v in one.items() if k != "input_ids"} | {"inputs_embeds": embeds}
+        (g,) = torch.autograd.grad(F.cross_entropy(logits_fn(inputs), one["labels"]), embeds)
+        real = one["attention_mask"][0].bool()
+        scores.append(g[0, real].pow(2).sum())
+    return torch.stack(scores)
+
+
+def _bert():
+    model = tiny_bert()
+    model.eval()
+    params = trainable_parameters(model)
+    # peft initialises lora_B to zero, which makes every lora_A gradient zero; move off that point.
+    with torch.no_grad():
+        for key, p in params.items():
+            if ".lora_B." in key:
+                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+    return model, params, (lambda b: class_logits(model, b, "classifier"))
+
+
+def _llama():
+    model = tiny_llama()
+    model.eval()
+    params = trainable_parameters(model)
+    with torch.no_grad():
+        for key, p in params.items():
+            if ".lora_B." in key:
+                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+    return model, params, (lambda b: class_logits(model, b, "verbalizer", LABEL_WORDS))
+
+
+MODELS = {"bert": _bert, "llama": _llama}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_per_sample_gradients_match_naive_loop(name):
+    model, params, logits_fn = MODELS[name]()
+    batch = random_batch(batch_size=5, length=7)
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"].shape[1]  # row 0 is padded
+    fast = per_sample_gradients(model, params, logits_fn, batch)
+    slow = per_sample_gradients_reference(params, logits_fn, batch)
+    assert fast.keys() == params.keys()
+    if name == "bert":  # the classification head (modules_to_save) is covered, weight and bias
+        assert {k for k in params if not is_lora_key(k)} == {
+            "base_model.model.classifier.weight",
+            "base_model.model.classifier.bias",
+        }
+    for key in params:
+        assert fast[key].shape == (5, *params[key].shape)
+        assert float(slow[key].abs().max()) > 0, key  # a real check, not zeros against zeros
+        torch.testing.assert_close(fast[key], slow[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("wrt", ["adapters", "embeddings"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_difficulty_scores_match_naive_loop(name, wrt, normalize):
+    model, params, logits_fn = MODELS[name]()
+    batch = random_batch(batch_size=5, length=7)
+    scores = difficulty_scores(model, params, logits_fn, batch, wrt=wrt, normalize_by_length=normalize)
+    if wrt == "adapters":
+        slow = per_sample_gradients_reference(params, logits_fn, batch)
+        expected = sum(g.flatten(1).pow(2).sum(1) for g in slow.values())
+    else:
+        expected = embedding_scores_reference(model, logits_fn, batch)
+    if normalize:
+        expected = expected / torch.tensor([5.0, 7, 7, 7, 7])  # row 0 has 2 padded positions
+    assert scores.shape == (5,)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_fitted_sample_is_easier_than_misfitted_one():
+    model = tiny_bert()
+    params = trainable_parameters(model)
+    fitted = random_batch(batch_size=1, length=6, seed=3)
+    fitted["labels"] = torch.tensor([0])
+    optimizer = torch.optim.Adam(params.values(), lr=5e-2)
+    for _ in range(60):
+        optimizer.zero_grad()
+        F.cross_entropy(class_logits(model, fitted, "classifier"), fitted["labels"]).backward()
+        optimizer.step()
+    for p in params.values():
+        p.grad = None
+    wrong = {**fitted, "labels": torch.tensor([1])}  # same text, a label the model now rejects
+    both = {k: torch.cat([fitted[k], wrong[k]]) for k in fitted}
+    logits_fn = lambda b: class_logits(model, b, "classifier")  # noqa: E731
+    assert F.cross_entropy(logits_fn(fitted), fitted["labels"]) < 0.05
+    for wrt in ("adapters", "embeddings"):
+        easy, hard = difficulty_scores(model, params, logits_fn, both, wrt=wrt).tolist()
+        assert easy < hard, wrt
+
+
+def test_diagonal_fisher_is_mean_of_squared_per_sample_gradients():
+    model, params, logits_fn = _bert()
+    batch = random_batch(batch_size=4)
+    slow = per_sample_gradients_reference(params, logits_fn, batch)
+    fisher = diagonal_fisher(per_sample_gradients(model, params, logits_fn, batch))
+    assert fisher.keys() == params.keys()
+    for key in params:
+        assert fisher[key].shape == params[key].shape
+        torch.testing.assert_close(fisher[key], slow[key].pow(2).mean(0), rtol=1e-4, atol=1e-8)
+
+
+def test_dataset_scoring_batches_and_fisher_over_all_samples():
+    model, params, logits_fn = _bert()
+    data = random_batch(batch_size=7, length=6, seed=5)
+    make_batch = lambda idx: {k: v[list(idx)] for k, v in data.items()}  # noqa: E731
+    indices = [6, 0, 3, 1, 5]
+    scores = score_dataset(model, params, logits_fn, make_batch, indices, batch_size=2)
+    whole = difficulty_scores(model, params, logits_fn, make_batch(indices))
+    torch.testing.assert_close(scores, whole, rtol=1e-4, atol=1e-6)
+    normalized, fisher = score_and_fisher(model, params, logits_fn, make_batch, indices, 2, normalize_by_length=True)
+    lengths = data["attention_mask"][indices].sum(1).float()
+    torch.testing.assert_close(normalized, whole / lengths, rtol=1e-4, atol=1e-6)
+    slow = per_sample_gradients_reference(params, logits_fn, make_batch(indices))
+    for key in params:
+        torch.testing.assert_close(fisher[key], slow[key].pow(2).mean(0), rtol=1e-4, atol=1e-8)
+    embeds = score_dataset(model, params, logits_fn, make_batch, indices, batch_size=3, wrt="embeddings")
+    expected = difficulty_scores(model, params, logits_fn, make_batch(indices), wrt="embeddings")
+    torch.testing.assert_close(embeds, expected)
+    assert score_dataset(model, params, logits_fn, make_batch, [], batch_size=2).shape == (0,)
+
+
+def test_no_hooks_or_grads_left_and_mode_restored():
+    model, params, logits_fn = _bert()
+    model.train()
+    batch = random_batch()
+    per_sample_gradients(model, params, logits_fn, batch)
+    difficulty_scores(model, params, logits_fn, batch)
+    difficulty_scores(model, params, logits_fn, batch, wrt="embeddings")
+    for module in model.modules():
+        assert not module._forward_hooks and not module._backward_hooks and not module._forward_pre_hooks
+    assert all(p.grad is None for p in model.parameters())
+    assert all(m.training for m in model.modules())
+
+
+def test_scores_are_taken_without_dropout():
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.5,
+    )
+    lora = LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"], lora_dropout=0.5)
+    model = get_peft_model(BertForSequenceClassification(config), lora)
+    model.train()
+    params = trainable_parameters(model)
+    logits_fn = lambda b: class_logits(model, b, "classifier")  # noqa: E731
+    batch = random_batch()
+    first = difficulty_scores(model, params, logits_fn, batch)
+    torch.testing.assert_close(first, difficulty_scores(model, params, logits_fn, batch))
+    assert model.training
+
+
+def test_parameter_outside_a_linear_is_rejected():
+    model, params, logits_fn = _bert()
+    embedding = model.get_input_embeddings().weight
+    embedding.requires_grad_(True)
+    try:
+        with pytest.raises(NotImplementedError, match="word_embeddings"):
+            with_embedding = {**params, "bert.embeddings.word_embeddings.weight": embedding}
+            per_sample_gradients(model, with_embedding, logits_fn, random_batch())
+    finally:
+        embedding.requires_grad_(False)
+
+
+def test_unknown_target_is_rejected():
+    model, params, logits_fn = _bert()
+    with pytest.raises(ValueError, match="adapters"):
+        difficulty_scores(model, params, logits_fn, random_batch(), wrt="logits")

@@ -1,0 +1,134 @@
+"""The in-process runner end to end, on a tiny model saved as a local folder and 400 real tweets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fibecfed import simulator as sim_module
+from fibecfed.accounting import serialized_nbytes
+from fibecfed.adapters import layer_of_key
+from fibecfed.config import load_config
+from fibecfed.curriculum import pacing_fraction
+from fibecfed.simulator import CHECKPOINT, Simulation
+from tests.conftest import tiny_run_overrides
+
+
+def _run(model_dir, out, extra=(), rounds=2):
+    config = load_config(None, tiny_run_overrides(model_dir, rounds) + list(extra))
+    summary = Simulation(config, out).run()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    checkpoint = torch.load(out / CHECKPOINT, weights_only=False)
+    return summary, rows, checkpoint
+
+
+def test_fedavg_run_writes_outputs(tiny_encoder_dir, tmp_path):
+    summary, rows, checkpoint = _run(tiny_encoder_dir, tmp_path)
+    for name in ("config.json", "metrics.jsonl", "summary.json", "accuracy.png", "adapter/adapter_model.safetensors"):
+        assert (tmp_path / name).is_file(), name
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for key in ("accuracy", "personalized_accuracy", "loss", "wall_time_s", "sim_time_s", "upload_bytes", "download_bytes"):
+        assert key in rows[-1]
+    # Every sampled device uploads the full adapter: 2 devices x 2 rounds.
+    full = serialized_nbytes(checkpoint["global_state"])
+    assert rows[1]["round_upload_bytes"] == 2 * full
+    assert rows[-1]["upload_bytes"] == 4 * full
+    assert rows[-1]["download_bytes"] == 4 * full
+    assert rows[2]["sim_time_s"] > rows[1]["sim_time_s"] > 0
+    assert summary["final_accuracy"] == rows[-1]["accuracy"]
+
+
+def test_adapter_loads_with_peft(tiny_encoder_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    _, _, checkpoint = _run(tiny_encoder_dir, tmp_path, rounds=1)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_encoder_dir, num_labels=3, ignore_mismatched_sizes=True)
+    model = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    from peft import get_peft_model_state_dict
+
+    loaded = get_peft_model_state_dict(model)
+    for key, value in checkpoint["global_state"].items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_fibecfed_with_every_switch_off_is_fedavg(tiny_encoder_dir, tmp_path):
+    off = ["method.curriculum.enabled=false", "method.layers.enabled=false", "method.sparse.enabled=false"]
+    _, rows_a, ck_a = _run(tiny_encoder_dir, tmp_path / "fedavg", ["method=fedavg"])
+    _, rows_b, ck_b = _run(tiny_encoder_dir, tmp_path / "fibecfed", ["method=fibecfed", *off])
+    for key in ck_a["global_state"]:
+        assert torch.equal(ck_a["global_state"][key], ck_b["global_state"][key]), key
+    assert [r["accuracy"] for r in rows_a] == [r["accuracy"] for r in rows_b]
+    assert [r["upload_bytes"] for r in rows_a] == [r["upload_bytes"] for r in rows_b]
+
+
+def test_fibecfed_exchanges_only_selected_layers(tiny_encoder_dir, tmp_path):
+    _, fedavg_rows, fedavg_ck = _run(tiny_encoder_dir, tmp_path / "a", ["method=fedavg"], rounds=3)
+    _, rows, ck = _run(tiny_encoder_dir, tmp_path / "b", ["method=fibecfed"], rounds=3)
+    layers = rows[1]["aggregated_layers"]
+    assert len(layers) == 2  # half of the 4 layers
+    # Keys of non-aggregated layers never change on the server.
+    for key, value in ck["global_state"].items():
+        layer = layer_of_key(key)
+        if layer is not None and layer not in layers and ".lora_B." in key:
+            assert torch.count_nonzero(value) == 0, key  # LoRA B starts at zero and was never aggregated
+    # ... and stay on the devices, personalised.
+    personal = [s["personal"] for s in ck["device_states"].values()]
+    assert all(personal) and all(layer_of_key(k) not in layers for p in personal for k in p)
+    # Uploads carry only the selected layers (+ head): fewer bytes than FedAvg, every round.
+    for a, b in zip(fedavg_rows[1:], rows[1:]):
+        assert b["round_upload_bytes"] < 0.7 * a["round_upload_bytes"]
+    assert rows[-1]["bytes_saved_vs_fedavg"] > 0
+    # The curriculum share follows the pacing function (every device uses the same g(t)).
+    for r in rows[1:]:
+        assert r["curriculum_fraction"] == pytest.approx(pacing_fraction("linear", r["round"], 3))
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_encoder_dir, tmp_path, monkeypatch):
+    _, rows_full, ck_full = _run(tiny_encoder_dir, tmp_path / "full", ["method=fibecfed"], rounds=3)
+
+    original = sim_module.sample_devices
+
+    def crash_in_round_3(seed, round_num, num_devices, per_round):
+        if round_num == 3:
+            raise KeyboardInterrupt
+        return original(seed, round_num, num_devices, per_round)
+
+    monkeypatch.setattr(sim_module, "sample_devices", crash_in_round_3)
+    config = load_config(None, tiny_run_overrides(tiny_encoder_dir, 3) + ["method=fibecfed"])
+    with pytest.raises(KeyboardInterrupt):
+        Simulation(config, tmp_path / "killed").run()
+    assert torch.load(tmp_path / "killed" / CHECKPOINT, weights_only=False)["round"] == 2
+    monkeypatch.setattr(sim_module, "sample_devices", original)
+    _, rows, ck = _run(tiny_encoder_dir, tmp_path / "killed", ["method=fibecfed"], rounds=3)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    for key in ck_full["global_state"]:
+        assert torch.equal(ck_full["global_state"][key], ck["global_state"][key]), key
+    assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in rows_full]
+
+
+def test_resume_refuses_a_different_config(tiny_encoder_dir, tmp_path):
+    from fibecfed.errors import ConfigError
+
+    _run(tiny_encoder_dir, tmp_path, rounds=1)
+    config = load_config(None, tiny_run_overrides(tiny_encoder_dir, 1) + ["train.lr=0.5"])
+    with pytest.raises(ConfigError, match="different config"):
+        Simulation(config, tmp_path).run()
+
+
+def test_nan_update_is_dropped(tiny_encoder_dir, tmp_path, monkeypatch):
+    original = sim_module.device_round
+
+    def poisoned(*args, **kwargs):
+        update = original(*args, **kwargs)
+        if update.device == 0 or args[1] == 0:
+            key = next(iter(update.state))
+            update.state[key] = torch.full_like(update.state[key], float("nan"))
+        return update
+
+    monkeypatch.setattr(sim_module, "device_round", poisoned)
+    _, rows, ck = _run(tiny_encoder_dir, tmp_path, ["partition.num_devices=2"], rounds=2)
+    assert all(r["failed_devices"] == [0] for r in rows[1:])
+    assert all(torch.isfinite(v).all() for v in ck["global_state"].values())
