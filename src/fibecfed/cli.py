@@ -44,7 +44,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"run": cmd_run}
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fibecfed.compare import compare, parse_methods
+
+    methods = parse_methods(args.methods)
+    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    out = Path(args.out) if args.out else Path("runs") / ("compare-" + time.strftime("%Y%m%d-%H%M%S"))
+    result = compare(
+        methods, seeds, out, config=args.config, overrides=args.overrides, target=args.target,
+        target_share=args.target_share, reference=args.reference, progress=not args.no_progress,
+    )
+    print((out / "comparison.md").read_text())
+    print(f"outputs in {out}: comparison.json, comparison.md, comparison.png, one run folder per method and seed")
+    return 0 if result else 1
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"run": cmd_run, "compare": cmd_compare}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out and start over")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. federation.rounds=5")
+
+    cmp = sub.add_parser("compare", help="run several methods on the same partition and seeds; write a report")
+    cmp.add_argument("--methods", default="fibecfed,fedavg,fedprox",
+                     help="comma-separated: fedavg, fedprox, fibecfed, fibecfed-no-curriculum, ... or NAME[key=value;...]")
+    cmp.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    cmp.add_argument("--config", help="a YAML config file or a preset name")
+    cmp.add_argument("--out", help="comparison folder (default: runs/compare-<timestamp>); unfinished runs resume")
+    cmp.add_argument("--target", type=float, help="target accuracy (default: a share of the reference's best)")
+    cmp.add_argument("--target-share", type=float, default=0.95, help="share of the reference's best smoothed accuracy")
+    cmp.add_argument("--reference", help="method the ratios are against (default: fedavg if listed)")
+    cmp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cmp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every method")
     return parser
 
 
