@@ -45,7 +45,7 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
+def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str = "", majority: float | None = None) -> None:
     """Global and personalised accuracy against round, simulated time and uploaded bytes."""
     import matplotlib
 
@@ -68,6 +68,8 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str = "") ->
         ax.plot(x, acc, marker="o", ms=3, label="global")
         if any(p is not None for p in pacc):
             ax.plot(x, [p if p is not None else float("nan") for p in pacc], marker="s", ms=3, label="personalised")
+        if majority is not None:
+            ax.axhline(majority, color="grey", ls="--", lw=1, label="majority class")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy")

@@ -425,5 +425,7 @@ class Simulation:
             "adapter_dir": str(adapter_dir),
         }
         outputs.write_json(self.out / "summary.json", summary)
-        outputs.plot_metrics(history, self.out / "accuracy.png", title=f"{self.config.method.name} on {prepared.task.name}")
+        outputs.plot_metrics(
+            history, self.out / "accuracy.png", title=f"{self.config.method.name} on {prepared.task.name}", majority=majority
+        )
         return summary

@@ -1,0 +1,79 @@
+"""Reproduce BENCHMARKS.md: `fibecfed compare` on each dataset, then one report.
+
+    python bench/benchmarks.py --datasets sst2,subj,tweets --seeds 0,1,2 --out bench/results
+    python bench/benchmarks.py --report-only --out bench/results   # rebuild the tables
+
+Runs resume: an interrupted benchmark started again skips finished runs. The GLUE-format
+datasets are read from --shared (default: ../shared/datasets from the repository root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from fibecfed.compare import compare, parse_methods
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE_FOLDERS = {"sst2": "sst-2", "cola": "cola", "mrpc": "mrpc", "rte": "rte", "qnli": "qnli", "subj": "subj"}
+DEFAULT_METHODS = "fedavg,fedprox,fibecfed"
+
+
+def dataset_overrides(name: str, shared: Path) -> list[str]:
+    if name in GLUE_FOLDERS:
+        return [f"data.name={name}", f"data.path={shared / GLUE_FOLDERS[name]}"]
+    return [f"data.name={name}"]
+
+
+def run(args: argparse.Namespace) -> None:
+    methods = parse_methods(args.methods)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for dataset in args.datasets.split(","):
+        started = time.time()
+        print(f"=== {dataset}: {args.methods}, seeds {seeds}", flush=True)
+        compare(
+            methods, seeds, args.out / dataset, config=args.config,
+            overrides=[*dataset_overrides(dataset, args.shared), *args.overrides],
+            target=args.target, target_share=args.target_share,
+        )
+        print((args.out / dataset / "comparison.md").read_text(), flush=True)
+        print(f"=== {dataset} done in {time.time() - started:.0f} s", flush=True)
+
+
+def report(out: Path) -> str:
+    """One section per dataset folder that holds a comparison.json."""
+    sections = []
+    for folder in sorted(p for p in out.iterdir() if (p / "comparison.json").is_file()):
+        data = json.loads((folder / "comparison.json").read_text())
+        md = (folder / "comparison.md").read_text()
+        sections.append(
+            f"### {folder.name}\n\nOverrides: `{' '.join(data['overrides'])}`; seeds {data['seeds']}.\n\n{md}\n"
+            f"![{folder.name}]({folder.relative_to(REPO) / 'comparison.png'})\n"
+        )
+    return "\n".join(sections)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default="tweets,sst2,subj,rte,mrpc,cola")
+    parser.add_argument("--methods", default=DEFAULT_METHODS)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--config", default="bench", help="preset or file (default: the bench preset)")
+    parser.add_argument("--target", type=float)
+    parser.add_argument("--target-share", type=float, default=0.95)
+    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "datasets")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    if not args.report_only:
+        run(args)
+    print(report(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
