@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,8 +31,9 @@ class ModelConfig:
     head: Literal["auto", "classifier", "verbalizer"] = "auto"
     # Label words for the verbalizer, one per class in label order (None: the label names).
     label_words: list[str] | None = None
-    # Prompt for the verbalizer; {text} and {text_pair} are replaced.
-    prompt_template: str = "{text}\nAnswer:"
+    # Prompt for the verbalizer; {text} and {text_pair} are replaced. None: "{text}\nAnswer:",
+    # or "{text}\n{text_pair}\nAnswer:" for sentence-pair tasks.
+    prompt_template: str | None = None
     max_length: int = 64
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Folder that caches converted models (GGUF -> safetensors). None: ~/.cache/fibecfed.
@@ -55,6 +57,8 @@ class LoraConfig:
             issues.append(f"lora.r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             issues.append(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.alpha <= 0:
+            issues.append(f"lora.alpha must be > 0, got {self.alpha}")
 
 
 @dataclass
@@ -133,6 +137,16 @@ class TrainConfig:
             issues.append(f"train.batch_size must be >= 1, got {self.batch_size}")
         if self.local_steps is None and self.local_epochs is None:
             issues.append("set train.local_steps or train.local_epochs")
+        if self.local_steps is not None and self.local_epochs is not None:
+            issues.append("set only one of train.local_steps and train.local_epochs (e.g. train.local_steps=null train.local_epochs=1)")
+        if self.head_lr is not None and self.head_lr <= 0:
+            issues.append(f"train.head_lr must be > 0, got {self.head_lr}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            issues.append(f"train.max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+        if self.eval_batch_size < 1:
+            issues.append(f"train.eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        if self.weight_decay < 0:
+            issues.append(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if self.local_steps is not None and self.local_steps < 1:
             issues.append(f"train.local_steps must be >= 1, got {self.local_steps}")
         if self.local_epochs is not None and self.local_epochs <= 0:
@@ -161,6 +175,10 @@ class FederationConfig:
             issues.append(f"federation.bandwidth_mbps must be > 0, got {self.bandwidth_mbps}")
         if self.eval_every < 1:
             issues.append(f"federation.eval_every must be >= 1, got {self.eval_every}")
+        for key in ("eval_samples", "device_eval_samples"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                issues.append(f"federation.{key} must be >= 1 or null, got {value}")
 
 
 @dataclass
@@ -189,6 +207,8 @@ class CurriculumConfig:
             issues.append(f"method.curriculum.full_at must be in (0, 1], got {self.full_at}")
         if self.rescore_every < 0:
             issues.append(f"method.curriculum.rescore_every must be >= 0, got {self.rescore_every}")
+        if self.score_batch_size < 1:
+            issues.append(f"method.curriculum.score_batch_size must be >= 1, got {self.score_batch_size}")
 
 
 @dataclass
@@ -212,6 +232,8 @@ class LayerSelectionConfig:
             issues.append(f"method.layers.noise_scale must be > 0, got {self.noise_scale}")
         if self.refresh_every < 0:
             issues.append(f"method.layers.refresh_every must be >= 0, got {self.refresh_every}")
+        if self.probe_samples < 1:
+            issues.append(f"method.layers.probe_samples must be >= 1, got {self.probe_samples}")
 
 
 @dataclass
@@ -228,6 +250,8 @@ class SparseUpdateConfig:
             issues.append(f"method.sparse.share must be in [0, 1], got {self.share}")
         if not 0.0 <= self.gamma < 1.0:
             issues.append(f"method.sparse.gamma must be in [0, 1), got {self.gamma}")
+        if self.fisher_samples < 1:
+            issues.append(f"method.sparse.fisher_samples must be >= 1, got {self.fisher_samples}")
 
 
 @dataclass
@@ -266,7 +290,10 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
 
     def _check(self, issues: list[str]) -> None:
-        if self.federation.devices_per_round > self.partition.num_devices:
+        if self.seed < 0:
+            issues.append(f"seed must be >= 0, got {self.seed}")
+        # Under the natural partition the number of groups sets the device count (checked later).
+        if self.partition.scheme != "natural" and self.federation.devices_per_round > self.partition.num_devices:
             issues.append(
                 f"federation.devices_per_round ({self.federation.devices_per_round}) exceeds "
                 f"partition.num_devices ({self.partition.num_devices})"
@@ -308,14 +335,15 @@ def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
         if isinstance(value, str):
             # YAML 1.1 reads `1e-3` (no dot) as text.
             try:
-                return True, float(value)
+                value = float(value)
             except ValueError:
                 return False, value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # NaN and infinity are never a sensible setting here.
+            return math.isfinite(value), float(value)
         return False, value
     if annotation is str:
         # YAML reads `name=123` as an int; a string field takes it as text.
@@ -350,6 +378,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str, issues: list[str]) -> A
             issues.append(f"unknown config key {dotted}{hint}; known keys: {', '.join(prefix + n for n in names)}")
             continue
         annotation = hints[key]
+        if dataclasses.is_dataclass(annotation) and isinstance(value, OverrideValue):
+            issues.append(f"{dotted} is a section; set one of its keys, e.g. {dotted}.<key>=...")
+            continue
+        value = _unwrap(value, annotation)
         if dataclasses.is_dataclass(annotation):
             if not isinstance(value, dict):
                 issues.append(f"{dotted} must be a mapping of keys, got {value!r}")
@@ -378,9 +410,7 @@ def _check_all(obj: Any, issues: list[str]) -> None:
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Build and validate a RunConfig; raise ConfigError listing every problem."""
     issues: list[str] = []
-    if isinstance(data.get("method"), str):
-        # `method=fibecfed` is shorthand for `method.name=fibecfed`.
-        data = {**data, "method": {"name": data["method"]}}
+    data = _method_shorthand(data)
     config = _build(RunConfig, data, "", issues)
     if not issues:
         config.method._resolve()
@@ -405,6 +435,39 @@ def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+@dataclass(frozen=True)
+class OverrideValue:
+    """A command-line value: its text and its YAML reading. String fields take the text (so
+    `model.prompt_template=Tweet: {text}` stays text); other fields take the YAML reading."""
+
+    raw: str
+    parsed: Any
+
+
+def _raw_text(raw: str) -> str:
+    # A typed `\n` (backslash, n) is a newline: shells do not make one inside a key=value word.
+    return raw.replace("\\n", "\n")
+
+
+def _unwrap(value: Any, annotation: Any) -> Any:
+    if not isinstance(value, OverrideValue):
+        return value
+    args = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    optional = type(None) in args
+    if optional and value.parsed is None:
+        return None
+    text = value.raw.strip()
+    takes_list = any(get_origin(arg) is list and get_args(arg) == (str,) for arg in args)
+    if takes_list and (str not in args or (text.startswith("[") and text.endswith("]"))):
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        # List items stay text: `data.labels=[no, yes]` is two words, not two booleans.
+        return [item.strip().strip("'\"") for item in text.split(",") if item.strip()]
+    if str in args:
+        return _raw_text(value.raw)
+    return value.parsed
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Parse `key.sub=value` strings; values are read as YAML (numbers, lists, null, text)."""
     result: dict[str, Any] = {}
@@ -418,10 +481,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            parsed = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
-            value = raw
-        _set_dotted(result, key, value)
+            parsed = raw
+        _set_dotted(result, key, OverrideValue(raw, parsed))
     return result
 
 
@@ -464,8 +527,16 @@ def read_yaml(path_or_preset: str) -> dict[str, Any]:
 
 def load_config(config: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """The default preset, then `config` (file or preset name), then `key=value` overrides."""
-    data = read_yaml("default")
+    data = _method_shorthand(read_yaml("default"))
     if config is not None:
-        data = merge(data, read_yaml(config))
+        data = merge(data, _method_shorthand(read_yaml(config)))
     data = merge(data, parse_overrides(overrides or []))
     return config_from_dict(data)
+
+
+def _method_shorthand(data: dict[str, Any]) -> dict[str, Any]:
+    """`method: fibecfed` is short for `method: {name: fibecfed}` (normalised before merging, so a
+    later `method.x=...` override adds to it instead of replacing it)."""
+    if isinstance(data.get("method"), str):
+        return {**data, "method": {"name": data["method"]}}
+    return data

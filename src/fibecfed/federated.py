@@ -1,7 +1,7 @@
 """One device's round and the server's aggregation step, shared by every runtime.
 
-The in-process simulator and the Flower app both call `device_round` and `aggregate_updates`;
-they differ only in how states travel (Python objects vs Flower messages).
+Every runtime calls `device_round` and `aggregate_updates` (today the in-process simulator;
+a distributed runtime would only decode, call and encode).
 """
 
 from __future__ import annotations
@@ -291,7 +291,9 @@ def device_round(
     compute_seconds = time.perf_counter() - started
 
     upload = runner.state(keys)
-    device_state.personal = runner.state(personal_keys) if personal_keys else {}
+    # Keep every personal entry the device ever trained: if a refresh of the aggregation layers
+    # moves a layer back to local, the device continues from its own values.
+    device_state.personal = {**device_state.personal, **runner.state(personal_keys)}
     device_state.participations += 1
     personalized, count = None, 0
     if test is not None and len(test_indices) > 0:

@@ -8,6 +8,7 @@ resumes after the last completed round.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -61,9 +62,35 @@ class Prepared:
     device_eval_indices: list[list[int]]
 
 
-def default_label_words(label_names: list[str]) -> list[str]:
-    """The label names as next-token words (leading space: a word inside a sentence)."""
+# Label words for the verbalizer where the label names are not words (GLUE's "0"/"1") or are
+# several tokens; one word per class, in class order. Other tasks use their label names.
+PRESET_LABEL_WORDS: dict[str, list[str]] = {
+    "sst2": [" negative", " positive"],
+    "cola": [" no", " yes"],
+    "mrpc": [" no", " yes"],
+    "rte": [" yes", " no"],
+    "qnli": [" yes", " no"],
+}
+SINGLE_PROMPT = "{text}\nAnswer:"
+PAIR_PROMPT = "{text}\n{text_pair}\nAnswer:"
+
+
+def default_label_words(task_name: str, label_names: list[str]) -> list[str]:
+    """Next-token words per class (leading space: a word inside a sentence)."""
+    if task_name in PRESET_LABEL_WORDS and len(PRESET_LABEL_WORDS[task_name]) == len(label_names):
+        return PRESET_LABEL_WORDS[task_name]
     return [" " + name.replace("_", " ") for name in label_names]
+
+
+def prompt_template(configured: str | None, has_pairs: bool) -> str:
+    """The verbalizer prompt; a sentence-pair task must show the model both sentences."""
+    if configured is None:
+        return PAIR_PROMPT if has_pairs else SINGLE_PROMPT
+    if has_pairs and "{text_pair}" not in configured:
+        raise ConfigError("this task has sentence pairs: model.prompt_template must contain {text_pair} as well as {text}")
+    if "{text}" not in configured:
+        raise ConfigError("model.prompt_template must contain {text}")
+    return configured
 
 
 def prepare(config: RunConfig) -> Prepared:
@@ -75,7 +102,7 @@ def prepare(config: RunConfig) -> Prepared:
             f"federation.devices_per_round ({config.federation.devices_per_round}) exceeds the "
             f"{len(train_parts)} devices of the partition"
         )
-    label_words = config.model.label_words or default_label_words(task.label_names)
+    label_words = config.model.label_words or default_label_words(task.name, task.label_names)
     if len(label_words) != len(task.label_names):
         raise ConfigError(
             f"model.label_words has {len(label_words)} words but the task has {len(task.label_names)} "
@@ -94,7 +121,9 @@ def prepare(config: RunConfig) -> Prepared:
         cache_dir=config.model.cache_dir,
         seed=config.seed,
     )
-    template = config.model.prompt_template if loaded.head == "verbalizer" else None
+    template = None
+    if loaded.head == "verbalizer":
+        template = prompt_template(config.model.prompt_template, task.train.text_pairs is not None)
     train = encode_dataset(task.train, loaded.tokenizer, config.model.max_length, template)
     test = encode_dataset(task.test, loaded.tokenizer, config.model.max_length, template)
 
@@ -222,6 +251,7 @@ class Simulation:
             sampled = sample_devices(cfg.seed, round_num, num_devices, cfg.federation.devices_per_round)
             updates: list[DeviceUpdate] = []
             failed: list[int] = []
+            backups: dict[int, DeviceState] = {}
             extra_seconds = {d: 0.0 for d in sampled}
             extra_upload = {d: 0 for d in sampled}
             if self._layers_due(server, round_num):
@@ -231,7 +261,8 @@ class Simulation:
             download = serialized_nbytes({k: global_state[k] for k in exchanged})
             for device in sampled:
                 state = device_states.setdefault(device, DeviceState())
-                backup = dataclasses.replace(state)
+                backup = copy.deepcopy(state)
+                backups[device] = backup
                 try:
                     update = device_round(
                         runner,
@@ -257,6 +288,9 @@ class Simulation:
                     continue
                 updates.append(update)
             good, dropped = valid_updates(updates)
+            for device in dropped:
+                # A device whose update had NaN/inf keeps the state it had before this round.
+                device_states[device] = backups[device]
             global_state = aggregate_updates(global_state, [u.state for u in good], [u.num_samples for u in good])
 
             upload_sizes = [serialized_nbytes(u.state) + extra_upload[u.device] for u in updates]
@@ -280,9 +314,9 @@ class Simulation:
                 row.update({"accuracy": central["accuracy"], "f1": central["f1"], "mcc": central["mcc"], "test_loss": central["loss"]})
             else:
                 row.update({"accuracy": None})
-            personal = [(u.personalized, u.personalized_count) for u in updates if u.personalized]
+            personal = [(u.personalized, u.personalized_count) for u in good if u.personalized]
             row["personalized_accuracy"] = _weighted_mean([(p["accuracy"], n) for p, n in personal])
-            row["loss"] = _weighted_mean([(u.loss, u.num_samples) for u in updates])
+            row["loss"] = _weighted_mean([(u.loss, u.num_samples) for u in good])
             row["failed_devices"] = sorted(failed + dropped)
             row["curriculum_fraction"] = _weighted_mean([(u.curriculum_fraction, u.num_samples) for u in updates])
             row["aggregated_layers"] = server["layers"]
@@ -313,13 +347,15 @@ class Simulation:
                 },
             )
             if bar is not None:
-                bar.update(1)
+                recent = [r["accuracy"] for r in history if r["round"] > 0 and r.get("accuracy") is not None][-3:]
                 if row.get("accuracy") is not None:
-                    bar.set_postfix(acc=f"{row['accuracy']:.3f}", loss=f"{row['loss']:.3f}" if row["loss"] is not None else "-")
+                    # Under non-IID data one round's accuracy swings; the mean of the last 3 shows the trend.
+                    bar.set_postfix(acc=f"{row['accuracy']:.3f}", avg3=f"{sum(recent) / len(recent):.3f}", refresh=False)
+                bar.update(1)
         if bar is not None:
             bar.close()
 
-        return self._finish(prepared, global_state, history)
+        return self._finish(prepared, global_state, history, device_states)
 
     def _layers_due(self, server: dict[str, Any], round_num: int) -> bool:
         layers = self.config.method.layers
@@ -391,8 +427,29 @@ class Simulation:
             "scoring_seconds": 0.0,
         }
 
-    def _finish(self, prepared: Prepared, global_state: dict, history: list[dict[str, Any]]) -> dict[str, Any]:
+    def _device_models_accuracy(self, prepared: Prepared, global_state: dict, device_states: dict[int, DeviceState]) -> float | None:
+        """Every device that took part, as it would serve: the global state plus its own personal
+        (non-aggregated) entries, on its own test part; weighted by test size. For FedAvg this is
+        the global model on each device's data."""
         runner = prepared.runner
+        num_classes = len(prepared.task.label_names)
+        scores = []
+        for device, state in sorted(device_states.items()):
+            indices = prepared.device_eval_indices[device]
+            if not indices:
+                continue
+            runner.load_state(global_state)
+            if state.personal:
+                runner.load_state(state.personal, strict=False)
+            metrics = runner.evaluate(prepared.test, indices, self.config.train.eval_batch_size, num_classes)
+            scores.append((metrics["accuracy"], len(indices)))
+        return _weighted_mean(scores)
+
+    def _finish(
+        self, prepared: Prepared, global_state: dict, history: list[dict[str, Any]], device_states: dict[int, DeviceState]
+    ) -> dict[str, Any]:
+        runner = prepared.runner
+        device_models = self._device_models_accuracy(prepared, global_state, device_states)
         runner.load_state(global_state)
         adapter_dir = self.out / "adapter"
         # peft's own format: PeftModel.from_pretrained(base_model, adapter_dir) loads it.
@@ -417,6 +474,7 @@ class Simulation:
             "final_mcc": evaluated[-1].get("mcc") if evaluated else None,
             "headline_metric": prepared.task.metric,
             "final_personalized_accuracy": last.get("personalized_accuracy"),
+            "final_device_models_accuracy": device_models,
             "wall_time_s": last["wall_time_s"],
             "sim_time_s": last["sim_time_s"],
             "upload_bytes": last["upload_bytes"],

@@ -66,3 +66,36 @@ def test_config_file_and_missing_preset(tmp_path):
     assert load_config(str(path)).federation.rounds == 7
     with pytest.raises(ConfigError, match="neither a file nor a preset"):
         load_config("no-such-preset")
+
+
+def test_method_in_a_file_survives_method_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: fibecfed\n")
+    config = load_config(str(path), ["method.curriculum.pacing=root"])
+    assert config.method.name == "fibecfed"
+    assert config.method.curriculum.enabled and config.method.curriculum.pacing == "root"
+
+
+def test_string_overrides_stay_text():
+    config = load_config(None, ["model.prompt_template=Tweet: {text}\\nSentiment:", "data.labels=[no, yes]", "data.name=files"])
+    assert config.model.prompt_template == "Tweet: {text}\nSentiment:"
+    assert config.data.labels == ["no", "yes"]
+    assert load_config(None, ["data.path=null"]).data.path is None
+
+
+def test_non_finite_and_conflicting_values_are_errors():
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(None, ["train.lr=nan"])
+    with pytest.raises(ConfigError, match="only one of train.local_steps"):
+        load_config(None, ["train.local_epochs=1"])
+    assert load_config(None, ["train.local_steps=null", "train.local_epochs=1"]).train.local_epochs == 1.0
+    with pytest.raises(ConfigError, match="is a section"):
+        load_config(None, ["train=5"])
+
+
+def test_method_defaults_resolve_from_name():
+    assert load_config(None, ["method=fedprox"]).method.prox_mu == pytest.approx(0.01)
+    fib = load_config(None, ["method=fibecfed"]).method
+    assert fib.curriculum.enabled and fib.layers.enabled and fib.sparse.enabled and fib.prox_mu == 0.0
+    avg = load_config(None, []).method
+    assert not (avg.curriculum.enabled or avg.layers.enabled or avg.sparse.enabled)

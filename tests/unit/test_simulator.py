@@ -132,3 +132,24 @@ def test_nan_update_is_dropped(tiny_encoder_dir, tmp_path, monkeypatch):
     _, rows, ck = _run(tiny_encoder_dir, tmp_path, ["partition.num_devices=2"], rounds=2)
     assert all(r["failed_devices"] == [0] for r in rows[1:])
     assert all(torch.isfinite(v).all() for v in ck["global_state"].values())
+
+
+def test_failed_device_keeps_its_previous_state(tiny_encoder_dir, tmp_path, monkeypatch):
+    import fibecfed.federated as federated
+    from fibecfed.training import NonFiniteLossError
+
+    original = federated.local_train
+    calls = {"n": 0}
+
+    def fail_first(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:  # the first device of round 1, after it scored its data
+            raise NonFiniteLossError("loss became nan")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(federated, "local_train", fail_first)
+    _, rows, ck = _run(tiny_encoder_dir, tmp_path, ["method=fibecfed", "partition.num_devices=2"], rounds=1)
+    failed = rows[1]["failed_devices"]
+    assert len(failed) == 1
+    state = ck["device_states"][failed[0]]
+    assert state["participations"] == 0 and state["extra"] == {} and state["personal"] == {}
