@@ -18,6 +18,8 @@ from pathlib import Path
 from fibecfed.compare import compare, parse_methods
 
 REPO = Path(__file__).resolve().parents[1]
+# The measure each task is judged by (GLUE's): MCC for CoLA, F1 for MRPC, accuracy elsewhere.
+METRICS = {"cola": "mcc", "mrpc": "f1"}
 GLUE_FOLDERS = {"sst2": "sst-2", "cola": "cola", "mrpc": "mrpc", "rte": "rte", "qnli": "qnli", "subj": "subj"}
 DEFAULT_METHODS = "fedavg,fedprox,fibecfed"
 
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> None:
         compare(
             methods, seeds, args.out / dataset, config=args.config,
             overrides=[*dataset_overrides(dataset, args.shared), *args.overrides],
-            target=args.target, target_share=args.target_share,
+            target=args.target, target_share=args.target_share, metric=METRICS.get(dataset, "accuracy"),
         )
         print((args.out / dataset / "comparison.md").read_text(), flush=True)
         print(f"=== {dataset} done in {time.time() - started:.0f} s", flush=True)

@@ -172,12 +172,14 @@ def _fmt(value: float | None, std: float | None = None, digits: int = 3, scale: 
     return text
 
 
-def markdown_table(table: dict[str, dict[str, Any]], target: float, reference: str, note: str = "") -> str:
+def markdown_table(
+    table: dict[str, dict[str, Any]], target: float, reference: str, note: str = "", metric: str = "accuracy"
+) -> str:
     lines = [
-        f"Target accuracy: **{target:.3f}** (reached when the mean of the last {SMOOTHING_WINDOW} evaluations "
+        f"Metric: global {metric}. Target: **{target:.3f}** (reached when the mean of the last {SMOOTHING_WINDOW} evaluations "
         f"first reaches it). Ratios are against `{reference}`. Mean ± spread over seeds.",
         "",
-        "| method | final acc | best smoothed acc | personalised acc | rounds to target | sim. time to target (s) | ratio | upload to target (MB) | ratio | total wall (s) | reached |",
+        f"| method | final {metric} | best smoothed {metric} | personalised acc | rounds to target | sim. time to target (s) | ratio | upload to target (MB) | ratio | total wall (s) | reached |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, e in table.items():
@@ -255,6 +257,7 @@ def compare(
     reference: str | None = None,
     run_one: Callable[..., dict[str, Any]] | None = None,
     progress: bool = False,
+    metric: str = "accuracy",
 ) -> dict[str, Any]:
     """Run every method for every seed, one after another in this process, then write the report.
 
@@ -263,6 +266,8 @@ def compare(
     """
     from fibecfed.simulator import Simulation
 
+    if metric not in ("accuracy", "f1", "mcc"):
+        raise ConfigError(f"--metric must be accuracy, f1 or mcc, got {metric!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = [m.label for m in methods]
@@ -281,7 +286,11 @@ def compare(
             if progress:
                 print(f"== {m.label}, seed {seed} -> {run_dir}", flush=True)
             (run_one or (lambda c, d: Simulation(c, d, progress=progress).run()))(configs[(m.label, seed)], run_dir)
-            runs[m.label].append(outputs.read_metrics(run_dir / "metrics.jsonl"))
+            rows = outputs.read_metrics(run_dir / "metrics.jsonl")
+            if metric != "accuracy":
+                # Compare on the task's own measure (e.g. Matthews correlation for CoLA).
+                rows = [{**r, "accuracy": r.get(metric)} for r in rows]
+            runs[m.label].append(rows)
 
     if target is None:
         ref_best = summarise({reference: runs[reference]}, 0.0, reference)[reference]["best_smoothed_accuracy"]
@@ -296,12 +305,13 @@ def compare(
         "reference": reference,
         "smoothing": f"trailing mean of the last {SMOOTHING_WINDOW} evaluations",
         "seeds": list(seeds),
+        "metric": metric,
         "overrides": list(overrides),
         "methods": {m.label: {"overrides": m.overrides, **table[m.label]} for m in methods},
     }
     outputs.write_json(out / "comparison.json", result)
-    outputs.atomic_write_text(out / "comparison.md", markdown_table(table, target, reference, target_note))
-    plot_comparison(runs, out / "comparison.png", title=" vs ".join(labels))
+    outputs.atomic_write_text(out / "comparison.md", markdown_table(table, target, reference, target_note, metric))
+    plot_comparison(runs, out / "comparison.png", title=" vs ".join(labels) + ("" if metric == "accuracy" else f" ({metric})"))
     return result
 
 
