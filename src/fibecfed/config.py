@@ -243,7 +243,11 @@ class SparseUpdateConfig:
     enabled: bool | None = None  # None: on for method.name=fibecfed
     share: float = 0.1  # rho: share of the neurons (rows of each LoRA matrix) that train
     gamma: float = 0.9  # momentum of the Fisher: F_t = gamma F_{t-1} + (1 - gamma) F~_t
-    fisher_samples: int = 64  # samples per participation for the diagonal Fisher F~_t
+    # Where F~_t comes from: "training" collects per-sample squared gradients during the local
+    # steps themselves (no extra pass; F from the previous participation picks this round's mask);
+    # "probe" runs a separate pass over `fisher_samples` pool samples before training.
+    fisher_source: Literal["training", "probe"] = "training"
+    fisher_samples: int = 64  # probe size (and first-participation size without curriculum scores)
 
     def _check(self, issues: list[str]) -> None:
         if not 0.0 <= self.share <= 1.0:

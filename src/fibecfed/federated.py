@@ -6,6 +6,7 @@ a distributed runtime would only decode, call and encode).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -19,7 +20,7 @@ from fibecfed.adapters import AdapterState, get_state, is_lora_key, set_state, t
 from fibecfed.aggregation import has_non_finite, merge_state, weighted_average
 from fibecfed.curriculum import curriculum_pool, pacing_fraction
 from fibecfed.encoding import EncodedDataset, collate
-from fibecfed.fisher import score_and_fisher, score_dataset
+from fibecfed.fisher import FisherAccumulator, score_and_fisher, score_dataset
 from fibecfed.evaluation import classification_metrics, predict
 from fibecfed.heads import class_logits
 from fibecfed.layers import layer_sensitivity
@@ -66,6 +67,7 @@ class SparseSettings:
 
     share: float = 0.1
     gamma: float = 0.9
+    fisher_source: str = "training"
     fisher_samples: int = 64
     batch_size: int = 32
 
@@ -152,21 +154,24 @@ def _length_sorted(encoded: EncodedDataset, indices: Sequence[int]) -> list[int]
 
 def difficulty_of_device(
     runner: ModelRunner, train: EncodedDataset, train_indices: Sequence[int], settings: CurriculumSettings
-) -> torch.Tensor:
-    """Fisher difficulty score of each of the device's samples, shape (n_k,), in `train_indices` order."""
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """Fisher difficulty score of each of the device's samples, shape (n_k,), in `train_indices`
+    order; and, when scored over the adapters, the diagonal Fisher of the same pass (free)."""
     ordered = _length_sorted(train, train_indices)
-    scores = score_dataset(
-        runner.loaded.model,
-        runner.params,
-        runner.logits,
-        lambda idx: runner.batch(train, idx),
-        ordered,
-        settings.score_batch_size,
-        wrt=settings.score_wrt,
-        normalize_by_length=settings.normalize_by_length,
-    )
+    make_batch = lambda idx: runner.batch(train, idx)  # noqa: E731
+    fisher = None
+    if settings.score_wrt == "adapters":
+        scores, fisher = score_and_fisher(
+            runner.loaded.model, runner.params, runner.logits, make_batch, ordered, settings.score_batch_size,
+            normalize_by_length=settings.normalize_by_length,
+        )
+    else:
+        scores = score_dataset(
+            runner.loaded.model, runner.params, runner.logits, make_batch, ordered, settings.score_batch_size,
+            wrt=settings.score_wrt, normalize_by_length=settings.normalize_by_length,
+        )
     by_index = dict(zip(ordered, scores.tolist()))
-    return torch.tensor([by_index[i] for i in train_indices], dtype=torch.float32)
+    return torch.tensor([by_index[i] for i in train_indices], dtype=torch.float32), fisher
 
 
 def curriculum_round_pool(
@@ -186,8 +191,12 @@ def curriculum_round_pool(
     scored_round = device_state.extra.get("scored_round")
     stale = settings.rescore_every > 0 and scored_round is not None and round_num - scored_round >= settings.rescore_every
     if "scores" not in device_state.extra or stale:
-        device_state.extra["scores"] = difficulty_of_device(runner, train, train_indices, settings)
+        scores, fisher = difficulty_of_device(runner, train, train_indices, settings)
+        device_state.extra["scores"] = scores
         device_state.extra["scored_round"] = round_num
+        if fisher is not None and "fisher" not in device_state.extra:
+            # The first Fisher of the sparse update comes with the scores, at no extra cost.
+            device_state.extra["fisher"] = fisher
     fraction = pacing_fraction(
         settings.pacing, round_num, settings.total_rounds, start_fraction=settings.start_fraction, full_at=settings.full_at
     )
@@ -213,16 +222,18 @@ def sparse_update_masks(
     lora_keys = [k for k in personal_keys if is_lora_key(k)]
     if not lora_keys:
         return {}
-    probe_size = min(settings.fisher_samples, len(pool))
-    probe = _length_sorted(train, rng.choice(np.asarray(pool), probe_size, replace=False).tolist())
-    personal_params = {k: runner.params[k] for k in lora_keys}
-    _, fisher_now = score_and_fisher(
-        runner.loaded.model, personal_params, runner.logits, lambda idx: runner.batch(train, idx), probe, settings.batch_size
-    )
-    fisher = update_fisher_momentum(device_state.extra.get("fisher"), fisher_now, settings.gamma)
-    device_state.extra["fisher"] = fisher
+    fisher = device_state.extra.get("fisher")
+    if fisher is None or settings.fisher_source == "probe":
+        probe_size = min(settings.fisher_samples, len(pool))
+        probe = _length_sorted(train, rng.choice(np.asarray(pool), probe_size, replace=False).tolist())
+        personal_params = {k: runner.params[k] for k in lora_keys}
+        _, fisher_now = score_and_fisher(
+            runner.loaded.model, personal_params, runner.logits, lambda idx: runner.batch(train, idx), probe, settings.batch_size
+        )
+        fisher = update_fisher_momentum(fisher, fisher_now, settings.gamma)
+        device_state.extra["fisher"] = fisher
     shapes = {k: runner.params[k].shape for k in lora_keys}
-    return neuron_masks(neuron_importance(fisher), shapes, settings.share)
+    return neuron_masks(neuron_importance({k: fisher[k] for k in lora_keys}), shapes, settings.share)
 
 
 def device_round(
@@ -271,10 +282,13 @@ def device_round(
     batch_indices = sample_batches(pool, settings.batch_size, steps, rng)
     anchor = {k: global_state[k] for k in keys} if settings.prox_mu > 0 else None
 
+    accumulator = None
+    if masks and sparse is not None and sparse.fisher_source == "training":
+        accumulator = FisherAccumulator(runner.loaded.model, {k: runner.params[k] for k in masks})
     runner.loaded.model.train()
     # Dropout draws from torch's global RNG: seed it per (run, round, device) inside a fork so
     # the run is reproducible and resumable and the caller's RNG is left untouched.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), accumulator or contextlib.nullcontext():
         torch.manual_seed(derive_seed(seed, round_num, device, 2))
         result = local_train(
             runner.params,
@@ -288,6 +302,10 @@ def device_round(
             prox_anchor=anchor,
             update_masks=masks,
         )
+    if accumulator is not None:
+        # F_t = γ F_{t-1} + (1-γ) F~_t with F~_t from this round's own training steps.
+        accumulator.samples = result.samples
+        device_state.extra["fisher"] = update_fisher_momentum(device_state.extra["fisher"], accumulator.fisher(), sparse.gamma)
     compute_seconds = time.perf_counter() - started
 
     upload = runner.state(keys)

@@ -283,3 +283,64 @@ def score_and_fisher(
                 fisher_sum[key] = fisher_sum[key] + squares if key in fisher_sum else squares
     fisher = {key: (total / len(indices)).cpu() for key, total in fisher_sum.items()}
     return torch.cat(scores), fisher
+
+
+class FisherAccumulator:
+    """Diagonal empirical Fisher of some parameters, collected during ordinary training steps.
+
+    While active (a context manager), every backward pass through the owning nn.Linear modules
+    adds the per-sample squared gradients Σ_i g_i² to a running sum, from the same activations
+    and output gradients the step computes anyway: no extra forward or backward (method.md
+    Part 2 needs the Fisher every round; a separate probe pass would cost as much as training).
+    The training loss is a batch mean, so each output gradient is 1/B of the sample's own; it is
+    scaled back by B. Gradients are taken before any update mask is applied, so masked neurons
+    keep an up-to-date importance.
+    """
+
+    def __init__(self, model: nn.Module, params: Mapping[str, nn.Parameter]):
+        self.owners = _owning_linears(model, params)
+        self.params = params
+        self.sums: dict[str, torch.Tensor] = {}
+        self.samples = 0
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _accumulate(self, module: nn.Linear, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+        batch_size = x.shape[0]
+        keys = self.owners[module]
+        x3 = x.reshape(batch_size, -1, module.in_features).float()  # (B, T, in)
+        g3 = grad_out.reshape(batch_size, -1, module.out_features).float() * batch_size  # (B, T, out)
+        if "weight" in keys:
+            squares = torch.einsum("bto,bti->boi", g3, x3).pow(2).sum(dim=0)  # (out, in)
+            self.sums[keys["weight"]] = self.sums.get(keys["weight"], 0) + squares.detach()
+        if "bias" in keys:
+            squares = g3.sum(dim=1).pow(2).sum(dim=0)  # (out,)
+            self.sums[keys["bias"]] = self.sums.get(keys["bias"], 0) + squares.detach()
+
+    def _capture(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not torch.is_grad_enabled() or not output.requires_grad or not inputs:
+            return
+        activation = inputs[0].detach()
+        self._handles.append(output.register_hook(lambda grad_out: self._accumulate(module, activation, grad_out)))
+
+    def count(self, batch_size: int) -> None:
+        """Record that a step over `batch_size` samples ran (the Fisher is a mean over samples)."""
+        self.samples += batch_size
+
+    def __enter__(self) -> FisherAccumulator:
+        for module in self.owners:
+            self._handles.append(module.register_forward_hook(self._capture))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def fisher(self) -> dict[str, torch.Tensor]:
+        """key -> mean over the samples seen of g_i², the parameter's shape, on the CPU."""
+        if self.samples == 0:
+            raise ValueError("no training step ran while the accumulator was active")
+        return {
+            key: (self.sums[key] / self.samples).cpu() if key in self.sums else torch.zeros(p.shape)
+            for key, p in self.params.items()
+        }

@@ -173,7 +173,13 @@ def sparse_settings(config: RunConfig) -> SparseSettings | None:
     if not sp.enabled or not config.method.layers.enabled:
         # Without layer selection every layer is aggregated: there is nothing to update sparsely.
         return None
-    return SparseSettings(share=sp.share, gamma=sp.gamma, fisher_samples=sp.fisher_samples, batch_size=config.method.curriculum.score_batch_size)
+    return SparseSettings(
+        share=sp.share,
+        gamma=sp.gamma,
+        fisher_source=sp.fisher_source,
+        fisher_samples=sp.fisher_samples,
+        batch_size=config.method.curriculum.score_batch_size,
+    )
 
 
 def sample_devices(seed: int, round_num: int, num_devices: int, per_round: int) -> list[int]:

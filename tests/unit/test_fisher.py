@@ -208,3 +208,38 @@ def test_unknown_target_is_rejected():
     model, params, logits_fn = _bert()
     with pytest.raises(ValueError, match="adapters"):
         difficulty_scores(model, params, logits_fn, random_batch(), wrt="logits")
+
+
+def test_fisher_accumulated_during_training_equals_per_sample_fisher():
+    """Hooks on ordinary (mean-loss) training backward passes give mean_i g_i², as the batched
+    per-sample computation does, before the optimizer step changes anything."""
+    from fibecfed.fisher import FisherAccumulator
+
+    model = tiny_bert()
+    params = trainable_parameters(model)
+    with torch.no_grad():
+        for key, p in params.items():
+            if "lora_B" in key:
+                p.normal_(0, 0.1)
+    subset = {k: p for k, p in params.items() if ".layer.1." in k}
+    batches = [random_batch(seed=s) for s in range(2)]
+
+    def logits_fn(batch):
+        return class_logits(model, batch, "classifier")
+
+    model.eval()
+    expected = {}
+    for batch in batches:
+        grads = per_sample_gradients(model, subset, logits_fn, batch)
+        for key, g in grads.items():
+            expected[key] = expected.get(key, 0) + g.pow(2).sum(dim=0)
+    with FisherAccumulator(model, subset) as acc:
+        for batch in batches:
+            loss = torch.nn.functional.cross_entropy(logits_fn(batch), batch["labels"])
+            model.zero_grad()
+            loss.backward()
+            acc.count(batch["labels"].shape[0])
+    got = acc.fisher()
+    for key in subset:
+        torch.testing.assert_close(got[key], expected[key] / 8, rtol=1e-4, atol=1e-8)
+    assert all(not m._forward_hooks for m in model.modules())

@@ -77,6 +77,10 @@ def test_fibecfed_exchanges_only_selected_layers(tiny_encoder_dir, tmp_path):
     # ... and stay on the devices, personalised.
     personal = [s["personal"] for s in ck["device_states"].values()]
     assert all(personal) and all(layer_of_key(k) not in layers for p in personal for k in p)
+    # Each device keeps a Fisher momentum over exactly its personal LoRA entries.
+    for state in ck["device_states"].values():
+        assert set(state["extra"]["fisher"]) == set(state["personal"])
+        assert len(state["extra"]["scores"]) > 0
     # Uploads carry only the selected layers (+ head): fewer bytes than FedAvg, every round.
     for a, b in zip(fedavg_rows[1:], rows[1:]):
         assert b["round_upload_bytes"] < 0.7 * a["round_upload_bytes"]
