@@ -98,3 +98,23 @@ def tiny_run_overrides(model_dir: Path, rounds: int = 2) -> list[str]:
         "train.local_steps=2",
         "train.lr=0.01",
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_dir(tmp_path_factory) -> Path:
+    """A 4-layer Llama with hidden size 16 (and MiniLM's tokenizer, whose words are single tokens)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fibecfed.models import resolve_model_path
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=32, max_position_embeddings=128, pad_token_id=0,
+        architectures=["LlamaForCausalLM"],
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

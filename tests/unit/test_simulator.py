@@ -157,3 +157,13 @@ def test_failed_device_keeps_its_previous_state(tiny_encoder_dir, tmp_path, monk
     assert len(failed) == 1
     state = ck["device_states"][failed[0]]
     assert state["participations"] == 0 and state["extra"] == {} and state["personal"] == {}
+
+
+@pytest.mark.parametrize("head", ["verbalizer", "classifier"])
+def test_decoder_heads_run_fibecfed(tiny_decoder_dir, tmp_path, head):
+    _, rows, ck = _run(tiny_decoder_dir, tmp_path, ["method=fibecfed", f"model.head={head}"], rounds=2)
+    assert len(rows[1]["aggregated_layers"]) == 2
+    keys = list(ck["global_state"])
+    assert all(".layers." in k for k in keys if ".lora_" in k)
+    has_head = any(k.endswith("score.weight") for k in keys)
+    assert has_head == (head == "classifier")  # the verbalizer adds no parameters
