@@ -215,8 +215,9 @@ def plot_comparison(runs: dict[str, list[list[dict[str, Any]]]], path: Path, tit
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    palette = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
     for i, (label, seed_rows) in enumerate(runs.items()):
-        color = f"C{i % 10}"
+        color = palette(i % palette.N)
         length = min(len(rows) for rows in seed_rows)
 
         def mean_of(key: str, rows_list=seed_rows, n=length) -> list[float | None]:
@@ -240,7 +241,7 @@ def plot_comparison(runs: dict[str, list[list[dict[str, Any]]]], path: Path, tit
     axes[0].set_ylabel("global accuracy (thin: raw, thick: smoothed)")
     axes[0].legend(fontsize=8)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title if len(title) <= 100 else f"{len(runs)} methods (see the legend)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
