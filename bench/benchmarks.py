@@ -1,7 +1,7 @@
 """Reproduce BENCHMARKS.md: `fibecfed compare` on each dataset, then one report.
 
     python bench/benchmarks.py --datasets sst2,subj,tweets --seeds 0,1,2 --out bench/results
-    python bench/benchmarks.py --report-only --out bench/results   # rebuild the tables
+    python bench/benchmarks.py --datasets sst2 --seeds 0,1,2 --report-only   # rebuild a report from finished runs
 
 Runs resume: an interrupted benchmark started again skips finished runs. The GLUE-format
 datasets are read from --shared (default: ../shared/datasets from the repository root).
@@ -30,7 +30,7 @@ def dataset_overrides(name: str, shared: Path) -> list[str]:
     return [f"data.name={name}"]
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, report_only: bool = False) -> None:
     methods = parse_methods(args.methods)
     seeds = [int(s) for s in args.seeds.split(",")]
     for dataset in args.datasets.split(","):
@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> None:
             methods, seeds, args.out / dataset, config=args.config,
             overrides=[*dataset_overrides(dataset, args.shared), *args.overrides],
             target=args.target, target_share=args.target_share, metric=METRICS.get(dataset, "accuracy"),
+            report_only=report_only,
         )
         print((args.out / dataset / "comparison.md").read_text(), flush=True)
         print(f"=== {dataset} done in {time.time() - started:.0f} s", flush=True)
@@ -71,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    if not args.report_only:
-        run(args)
+    run(args, report_only=args.report_only)
     print(report(args.out))
     return 0
 

@@ -53,7 +53,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     result = compare(
         methods, seeds, out, config=args.config, overrides=args.overrides, target=args.target,
         target_share=args.target_share, reference=args.reference, progress=not args.no_progress,
-        metric=args.metric,
+        metric=args.metric, report_only=args.report_only,
     )
     print((out / "comparison.md").read_text())
     print(f"outputs in {out}: comparison.json, comparison.md, comparison.png, one run folder per method and seed")
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--reference", help="method the ratios are against (default: fedavg if listed)")
     cmp.add_argument("--metric", default="accuracy", choices=["accuracy", "f1", "mcc"], help="global metric to compare on")
     cmp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cmp.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs, run nothing")
     cmp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every method")
     return parser
 

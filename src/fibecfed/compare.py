@@ -259,11 +259,13 @@ def compare(
     run_one: Callable[..., dict[str, Any]] | None = None,
     progress: bool = False,
     metric: str = "accuracy",
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """Run every method for every seed, one after another in this process, then write the report.
 
     target: an explicit accuracy; otherwise `target_share` x the reference method's best
     smoothed accuracy (mean over seeds). The reference is fedavg if listed, else the first method.
+    report_only: rebuild the report from finished run folders without running anything.
     """
     from fibecfed.simulator import Simulation
 
@@ -286,7 +288,11 @@ def compare(
             logger.info("running %s, seed %d -> %s", m.label, seed, run_dir)
             if progress:
                 print(f"== {m.label}, seed {seed} -> {run_dir}", flush=True)
-            (run_one or (lambda c, d: Simulation(c, d, progress=progress).run()))(configs[(m.label, seed)], run_dir)
+            if report_only:
+                if not (run_dir / "summary.json").is_file():
+                    raise ConfigError(f"no finished run in {run_dir}; run the comparison without --report-only")
+            else:
+                (run_one or (lambda c, d: Simulation(c, d, progress=progress).run()))(configs[(m.label, seed)], run_dir)
             rows = outputs.read_metrics(run_dir / "metrics.jsonl")
             if metric != "accuracy":
                 # Compare on the task's own measure (e.g. Matthews correlation for CoLA).
