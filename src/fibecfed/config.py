@@ -193,6 +193,8 @@ class CurriculumConfig:
     full_at: float = 0.8  # beta: all data from this share of the rounds on
     # easy_first (the method), hard_first (anti-curriculum ablation), random (pool of random samples).
     order: Literal["easy_first", "hard_first", "random"] = "easy_first"
+    # Rank each class on its own and take the same share of each (our choice; see docs/defaults.md).
+    class_balanced: bool = False
     # Gradient of log p(y|x) with respect to the adapters (+head) or the input embeddings.
     score_wrt: Literal["adapters", "embeddings"] = "adapters"
     normalize_by_length: bool = False

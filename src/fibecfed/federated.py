@@ -18,7 +18,7 @@ import torch
 
 from fibecfed.adapters import AdapterState, get_state, is_lora_key, set_state, trainable_parameters
 from fibecfed.aggregation import has_non_finite, merge_state, weighted_average
-from fibecfed.curriculum import curriculum_pool, pacing_fraction
+from fibecfed.curriculum import class_balanced_pool, curriculum_pool, pacing_fraction
 from fibecfed.encoding import EncodedDataset, collate
 from fibecfed.fisher import FisherAccumulator, score_and_fisher, score_dataset
 from fibecfed.evaluation import classification_metrics, predict
@@ -54,6 +54,7 @@ class CurriculumSettings:
     start_fraction: float = 0.2
     full_at: float = 0.8
     order: str = "easy_first"
+    class_balanced: bool = False
     score_wrt: str = "adapters"
     normalize_by_length: bool = False
     rescore_every: int = 0
@@ -200,7 +201,11 @@ def curriculum_round_pool(
     fraction = pacing_fraction(
         settings.pacing, round_num, settings.total_rounds, start_fraction=settings.start_fraction, full_at=settings.full_at
     )
-    pool = curriculum_pool(list(train_indices), device_state.extra["scores"], fraction, order=settings.order, rng=rng)
+    if settings.class_balanced:
+        labels = train.labels[list(train_indices)].tolist()
+        pool = class_balanced_pool(list(train_indices), device_state.extra["scores"], labels, fraction, order=settings.order, rng=rng)
+    else:
+        pool = curriculum_pool(list(train_indices), device_state.extra["scores"], fraction, order=settings.order, rng=rng)
     return pool, fraction
 
 

@@ -160,6 +160,7 @@ def curriculum_settings(config: RunConfig) -> CurriculumSettings | None:
         start_fraction=c.start_fraction,
         full_at=c.full_at,
         order=c.order,
+        class_balanced=c.class_balanced,
         score_wrt=c.score_wrt,
         normalize_by_length=c.normalize_by_length,
         rescore_every=c.rescore_every,
@@ -188,6 +189,19 @@ def sample_devices(seed: int, round_num: int, num_devices: int, per_round: int) 
     return sorted(rng.choice(num_devices, per_round, replace=False).tolist())
 
 
+def _same_config(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Equal, except that keys the saved run predates (added to fibecfed since) are ignored."""
+    for key, value in saved.items():
+        if key not in current:
+            return False
+        if isinstance(value, dict) and isinstance(current[key], dict):
+            if not _same_config(value, current[key]):
+                return False
+        elif value != current[key]:
+            return False
+    return True
+
+
 def _weighted_mean(values: list[tuple[float, int]]) -> float | None:
     total = sum(w for _, w in values)
     return sum(v * w for v, w in values) / total if total else None
@@ -207,7 +221,7 @@ class Simulation:
         checkpoint = outputs.load_checkpoint(self.out / CHECKPOINT) if self.resume else None
         if checkpoint is None:
             return None
-        if checkpoint["config"] != config_to_dict(self.config):
+        if not _same_config(checkpoint["config"], config_to_dict(self.config)):
             raise ConfigError(
                 f"{self.out} holds a run with a different config; use another --out, or --fresh to start over"
             )

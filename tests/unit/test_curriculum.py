@@ -108,3 +108,15 @@ def test_curriculum_pool_rejects_bad_input():
         curriculum_pool([1, 2], [0.5, float("nan")], 0.5)
     with pytest.raises(ValueError, match="easy_first"):
         curriculum_pool([1, 2], [0.5, 0.1], 0.5, order="middle")
+
+
+def test_class_balanced_pool_takes_the_easiest_share_of_each_class():
+    from fibecfed.curriculum import class_balanced_pool
+
+    indices = [10, 11, 12, 13, 14, 15]
+    scores = [0.1, 0.2, 0.3, 5.0, 6.0, 7.0]  # class 0 is all easy, class 1 all hard
+    labels = [0, 0, 0, 1, 1, 1]
+    # a global pool at 1/3 would be [10, 11]: class 0 only
+    assert class_balanced_pool(indices, scores, labels, 1 / 3) == [10, 13]
+    assert class_balanced_pool(indices, scores, labels, 1 / 3, order="hard_first") == [12, 15]
+    assert sorted(class_balanced_pool(indices, scores, labels, 1.0)) == indices

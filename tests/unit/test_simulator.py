@@ -167,3 +167,11 @@ def test_decoder_heads_run_fibecfed(tiny_decoder_dir, tmp_path, head):
     assert all(".layers." in k for k in keys if ".lora_" in k)
     has_head = any(k.endswith("score.weight") for k in keys)
     assert has_head == (head == "classifier")  # the verbalizer adds no parameters
+
+
+def test_config_comparison_ignores_keys_a_run_predates():
+    from fibecfed.simulator import _same_config
+
+    assert _same_config({"a": 1, "m": {"x": 2}}, {"a": 1, "m": {"x": 2, "new": False}})
+    assert not _same_config({"a": 1, "m": {"x": 2}}, {"a": 1, "m": {"x": 3, "new": False}})
+    assert not _same_config({"a": 1, "gone": 0}, {"a": 1})
