@@ -194,7 +194,7 @@ class CurriculumConfig:
     # easy_first (the method), hard_first (anti-curriculum ablation), random (pool of random samples).
     order: Literal["easy_first", "hard_first", "random"] = "easy_first"
     # Rank each class on its own and take the same share of each (our choice; see docs/defaults.md).
-    class_balanced: bool = False
+    class_balanced: bool = True
     # Gradient of log p(y|x) with respect to the adapters (+head) or the input embeddings.
     score_wrt: Literal["adapters", "embeddings"] = "adapters"
     normalize_by_length: bool = False
@@ -218,7 +218,7 @@ class LayerSelectionConfig:
     """Part 2a: aggregate only the global aggregation layers (GAL); the rest stay on the device."""
 
     enabled: bool | None = None  # None: on for method.name=fibecfed
-    share: float = 0.5  # share of the transformer layers that are aggregated
+    share: float = 0.17  # share of the transformer layers that are aggregated (1 of MiniLM's 6)
     # sensitivity (most sensitive first), reverse, random, all.
     policy: Literal["sensitivity", "reverse", "random", "all"] = "sensitivity"
     measure: Literal["gain", "output_change"] = "gain"

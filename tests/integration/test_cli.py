@@ -73,7 +73,7 @@ def test_run_on_packaged_model_and_tweets(tmp_path):
 def test_fibecfed_on_shared_glue_file(tmp_path):
     out = tmp_path / "sst2"
     result = fibecfed(
-        "run", "--out", str(out), "method=fibecfed", "data.name=sst2", f"data.path={SHARED_DATASETS / 'sst-2'}", *SMALL
+        "run", "--out", str(out), "method=fibecfed", "method.layers.share=0.5", "data.name=sst2", f"data.path={SHARED_DATASETS / 'sst-2'}", *SMALL
     )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = read_rows(out)

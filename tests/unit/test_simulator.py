@@ -66,7 +66,7 @@ def test_fibecfed_with_every_switch_off_is_fedavg(tiny_encoder_dir, tmp_path):
 
 def test_fibecfed_exchanges_only_selected_layers(tiny_encoder_dir, tmp_path):
     _, fedavg_rows, fedavg_ck = _run(tiny_encoder_dir, tmp_path / "a", ["method=fedavg"], rounds=3)
-    _, rows, ck = _run(tiny_encoder_dir, tmp_path / "b", ["method=fibecfed"], rounds=3)
+    _, rows, ck = _run(tiny_encoder_dir, tmp_path / "b", ["method=fibecfed", "method.layers.share=0.5"], rounds=3)
     layers = rows[1]["aggregated_layers"]
     assert len(layers) == 2  # half of the 4 layers
     # Keys of non-aggregated layers never change on the server.
@@ -161,7 +161,7 @@ def test_failed_device_keeps_its_previous_state(tiny_encoder_dir, tmp_path, monk
 
 @pytest.mark.parametrize("head", ["verbalizer", "classifier"])
 def test_decoder_heads_run_fibecfed(tiny_decoder_dir, tmp_path, head):
-    _, rows, ck = _run(tiny_decoder_dir, tmp_path, ["method=fibecfed", f"model.head={head}"], rounds=2)
+    _, rows, ck = _run(tiny_decoder_dir, tmp_path, ["method=fibecfed", "method.layers.share=0.5", f"model.head={head}"], rounds=2)
     assert len(rows[1]["aggregated_layers"]) == 2
     keys = list(ck["global_state"])
     assert all(".layers." in k for k in keys if ".lora_" in k)
