@@ -302,7 +302,7 @@ def compare(
     if target is None:
         ref_best = summarise({reference: runs[reference]}, 0.0, reference)[reference]["best_smoothed_accuracy"]
         target = target_share * ref_best
-        target_note = f"target = {target_share:.2f} x {reference}'s best smoothed accuracy ({ref_best:.3f})"
+        target_note = f"target = {target_share:.2f} x {reference}'s best smoothed {metric} ({ref_best:.3f})"
     else:
         target_note = "target given explicitly"
     table = summarise(runs, target, reference)
