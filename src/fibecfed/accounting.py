@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from safetensors.torch import save
@@ -15,6 +16,22 @@ def serialize_state(state: Mapping[str, torch.Tensor]) -> bytes:
 
 def serialized_nbytes(state: Mapping[str, torch.Tensor]) -> int:
     return len(serialize_state(state)) if state else 0
+
+
+def compute_clock(kind: str, device: torch.device) -> Callable[[], float]:
+    """The clock that times a device's local work.
+
+    "process" is this process's CPU time: programs sharing the cores cannot inflate it, so the
+    time ratios between methods measured on a busy machine hold. It misses GPU kernels, which run
+    outside the CPU clock, so "auto" takes wall time on CUDA.
+    """
+    if kind == "auto":
+        kind = "wall" if device.type == "cuda" else "process"
+    if kind == "process":
+        return time.process_time
+    if kind == "wall":
+        return time.perf_counter
+    raise ValueError(f"unknown compute clock {kind!r}: use auto, process or wall")
 
 
 def transfer_seconds(nbytes: int, bandwidth_mbps: float) -> float:

@@ -159,6 +159,11 @@ class FederationConfig:
     devices_per_round: int = 4
     # Simulated link speed (both directions) for the simulated federated time.
     bandwidth_mbps: float = 10.0
+    # The clock behind each device's simulated compute seconds. "process": this process's CPU
+    # time, which other programs sharing the cores cannot inflate (so time ratios between methods
+    # hold on a busy machine; it counts every torch thread, i.e. core-seconds). "wall": elapsed
+    # time. "auto": process on CPU, wall on CUDA (GPU kernels run outside the CPU clock).
+    compute_clock: Literal["auto", "process", "wall"] = "auto"
     eval_every: int = 1
     # Central evaluation on a fixed random subset of the test split of at most this size.
     eval_samples: int | None = 1000

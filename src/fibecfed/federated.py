@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -257,6 +257,7 @@ def device_round(
     exchanged_keys: Sequence[str] | None = None,
     curriculum: CurriculumSettings | None = None,
     sparse: SparseSettings | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> DeviceUpdate:
     """Download, train locally, and return what the device uploads.
 
@@ -274,14 +275,14 @@ def device_round(
         runner.load_state({k: device_state.personal.get(k, global_state[k]) for k in personal_keys}, strict=False)
 
     rng = np.random.default_rng([seed, round_num, device, 1])
-    started = time.perf_counter()
+    started = clock()
     pool, fraction = list(train_indices), 1.0
     if curriculum is not None:
         pool, fraction = curriculum_round_pool(runner, train, train_indices, device_state, round_num, curriculum, rng)
     masks = None
     if sparse is not None and personal_keys:
         masks = sparse_update_masks(runner, train, pool, personal_keys, device_state, sparse, rng)
-    scoring_seconds = time.perf_counter() - started
+    scoring_seconds = clock() - started
 
     steps = num_local_steps(len(pool), settings.batch_size, settings.local_steps, settings.local_epochs)
     batch_indices = sample_batches(pool, settings.batch_size, steps, rng)
@@ -311,7 +312,7 @@ def device_round(
         # F_t = γ F_{t-1} + (1-γ) F~_t with F~_t from this round's own training steps.
         accumulator.samples = result.samples
         device_state.extra["fisher"] = update_fisher_momentum(device_state.extra["fisher"], accumulator.fisher(), sparse.gamma)
-    compute_seconds = time.perf_counter() - started
+    compute_seconds = clock() - started
 
     upload = runner.state(keys)
     # Keep every personal entry the device ever trained: if a refresh of the aggregation layers
@@ -348,9 +349,10 @@ def device_layer_scores(
     seed: int,
     round_num: int,
     device: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[torch.Tensor, float]:
     """A device's per-layer sensitivity (L,) on a random local batch, with the global model; and seconds."""
-    started = time.perf_counter()
+    started = clock()
     runner.load_state(global_state)
     rng = np.random.default_rng([seed, round_num, device, 3])
     size = min(probe_samples, len(train_indices))
@@ -359,7 +361,7 @@ def device_layer_scores(
     scores = layer_sensitivity(
         runner.loaded.model, runner.batch(train, probe), noise_scale=noise_scale, generator=generator, measure=measure
     )
-    return scores, time.perf_counter() - started
+    return scores, clock() - started
 
 
 def aggregate_updates(

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from fibecfed import outputs
-from fibecfed.accounting import serialized_nbytes, simulated_round_seconds
+from fibecfed.accounting import compute_clock, serialized_nbytes, simulated_round_seconds
 from fibecfed.config import RunConfig, config_to_dict
 from fibecfed.data.loaders import load_task
 from fibecfed.data.partition import partition_task
@@ -298,6 +299,7 @@ class Simulation:
                         test_indices=prepared.device_eval_indices[device],
                         num_classes=num_classes,
                         exchanged_keys=exchanged,
+                        clock=self._compute_clock(prepared),
                         curriculum=curriculum,
                         sparse=sparse,
                     )
@@ -377,6 +379,10 @@ class Simulation:
 
         return self._finish(prepared, global_state, history, device_states)
 
+    def _compute_clock(self, prepared: Prepared) -> Callable[[], float]:
+        """The clock for devices' simulated compute seconds (federation.compute_clock)."""
+        return compute_clock(self.config.federation.compute_clock, prepared.runner.loaded.device)
+
     def _layers_due(self, server: dict[str, Any], round_num: int) -> bool:
         layers = self.config.method.layers
         if not layers.enabled:
@@ -408,6 +414,7 @@ class Simulation:
                 device_scores, seconds = device_layer_scores(
                     prepared.runner, prepared.train, prepared.train_parts[device], global_state,
                     cfg.probe_samples, cfg.noise_scale, cfg.measure, self.config.seed, round_num, device,
+                    clock=self._compute_clock(prepared),
                 )
                 scores.append(device_scores)
                 weights.append(len(prepared.train_parts[device]))

@@ -35,3 +35,20 @@ def test_round_time_is_slowest_device():
     seconds = simulated_round_seconds([2.0, 5.0], [1_250_000, 625_000], [1_250_000, 625_000], 10.0)
     assert seconds == pytest.approx(6.0)
     assert simulated_round_seconds([], [], [], 10.0) == 0.0
+
+
+def test_compute_clock_process_ignores_waiting_and_auto_follows_device():
+    import time
+
+    from fibecfed.accounting import compute_clock
+
+    process = compute_clock("auto", torch.device("cpu"))
+    wall = compute_clock("auto", torch.device("cuda"))
+    assert process is time.process_time and wall is time.perf_counter
+    # A sleep is time another program could have the core for: wall time counts it, CPU time not.
+    p0, w0 = process(), wall()
+    time.sleep(0.3)
+    assert wall() - w0 >= 0.3
+    assert process() - p0 < 0.1
+    with pytest.raises(ValueError, match="unknown compute clock"):
+        compute_clock("gpu", torch.device("cpu"))
