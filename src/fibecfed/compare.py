@@ -107,6 +107,40 @@ def first_reaching(rows: Sequence[dict[str, Any]], target: float) -> dict[str, A
     return None
 
 
+def round_breakdown(rows: Sequence[dict[str, Any]], bandwidth_mbps: float) -> dict[str, float]:
+    """Where a round's simulated time goes, mean over the run's rounds (round 0 excluded).
+
+    A round lasts as long as its slowest device's download + compute + upload. Every sampled
+    device moves the same bytes (the exchanged keys), so a device's transfer seconds are the
+    round's bytes over the device count at `bandwidth_mbps`, and compute is the rest.
+    Scoring is the curriculum/mask/sensitivity overhead per device (already inside compute).
+    """
+    sims, transfers, scorings, uploads, fractions = [], [], [], [], []
+    prev = None
+    for row in rows:
+        if prev is not None and row["round"] > 0:
+            n = max(1, len(row.get("devices") or []) - len(row.get("failed_devices") or []))
+            up = row["upload_bytes"] - prev["upload_bytes"]
+            down = row.get("download_bytes", 0) - prev.get("download_bytes", 0)
+            sims.append(row["sim_time_s"] - prev["sim_time_s"])
+            transfers.append((up + down) / n * 8.0 / (bandwidth_mbps * 1e6))
+            scorings.append((row.get("scoring_seconds") or 0.0) / n)
+            uploads.append(up / n)
+            fractions.append(row.get("curriculum_fraction", 1.0) or 1.0)
+        prev = row
+    if not sims:
+        return {}
+    sim, transfer = statistics.fmean(sims), statistics.fmean(transfers)
+    return {
+        "round_sim_s": sim,
+        "round_transfer_s": transfer,
+        "round_compute_s": sim - transfer,
+        "round_scoring_s": statistics.fmean(scorings),
+        "round_device_upload_bytes": statistics.fmean(uploads),
+        "round_curriculum_fraction": statistics.fmean(fractions),
+    }
+
+
 def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
     present = [v for v in values if v is not None and not math.isnan(v)]
     if not present:
@@ -115,7 +149,10 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
 
 
 def summarise(
-    runs: dict[str, list[list[dict[str, Any]]]], target: float, reference: str
+    runs: dict[str, list[list[dict[str, Any]]]],
+    target: float,
+    reference: str,
+    bandwidths: dict[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per method: final/best accuracy, and time and bytes to the target, mean and spread over seeds.
 
@@ -126,7 +163,9 @@ def summarise(
     for label, seed_rows in runs.items():
         finals, bests, personal, walls, sims, ups = [], [], [], [], [], []
         to_sim, to_wall, to_up, to_round = [], [], [], []
+        breakdowns = []
         for rows in seed_rows:
+            breakdowns.append(round_breakdown(rows, (bandwidths or {}).get(label, 10.0)))
             evaluated = [r for r in rows if r.get("accuracy") is not None]
             curve = [v for v in smoothed([r["accuracy"] for r in evaluated]) if v is not None]
             finals.append(evaluated[-1]["accuracy"])
@@ -151,6 +190,8 @@ def summarise(
             mean, std = _mean_std(values)
             entry[name] = mean
             entry[name + "_std"] = std
+        for name in breakdowns[0] if breakdowns else ():
+            entry[name] = statistics.fmean(b[name] for b in breakdowns)
         table[label] = entry
     ref = table.get(reference) or {}
     for entry in table.values():
@@ -201,6 +242,19 @@ def markdown_table(
         )
     if note:
         lines += ["", note]
+    if all("round_sim_s" in e for e in table.values()):
+        lines += [
+            "",
+            "Where a round's simulated time goes (mean over rounds and seeds; compute includes scoring):",
+            "",
+            "| method | sim. s / round | compute s | of which scoring s | transfer s | upload MB / device | curriculum fraction |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for label, e in table.items():
+            lines.append(
+                f"| {label} | {e['round_sim_s']:.2f} | {e['round_compute_s']:.2f} | {e['round_scoring_s']:.2f} | "
+                f"{e['round_transfer_s']:.2f} | {e['round_device_upload_bytes'] / 1e6:.2f} | {e['round_curriculum_fraction']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -305,7 +359,8 @@ def compare(
         target_note = f"target = {target_share:.2f} x {reference}'s best smoothed {metric} ({ref_best:.3f})"
     else:
         target_note = "target given explicitly"
-    table = summarise(runs, target, reference)
+    bandwidths = {m.label: configs[(m.label, seeds[0])].federation.bandwidth_mbps for m in methods}
+    table = summarise(runs, target, reference, bandwidths)
     result = {
         "target": target,
         "target_rule": target_note,

@@ -77,3 +77,26 @@ def test_compare_end_to_end_on_tiny_model(tiny_encoder_dir, tmp_path):
     assert saved["methods"]["fedavg"]["upload_bytes_to_target_ratio"] == pytest.approx(1.0)
     # FibecFed sends half the layers: less than FedAvg to reach the same (trivial) target.
     assert result["methods"]["fibecfed"]["upload_bytes_to_target_ratio"] < 0.7
+
+
+def test_round_breakdown_by_hand():
+    from fibecfed.compare import round_breakdown
+
+    # Two devices per round; each round moves 2.5 MB down and 2.5 MB up in total, i.e. 2.5 MB
+    # per device = 2.0 s at 10 Mbps; rounds last 5 s and 7 s, so compute is 3 s and 5 s.
+    base = {"devices": [0, 1], "failed_devices": []}
+    history = [
+        {"round": 0, "sim_time_s": 0.0, "upload_bytes": 0, "download_bytes": 0},
+        {**base, "round": 1, "sim_time_s": 5.0, "upload_bytes": 2_500_000 // 2, "download_bytes": 2_500_000 // 2 * 3,
+         "scoring_seconds": 1.0, "curriculum_fraction": 0.2},
+        {**base, "round": 2, "sim_time_s": 12.0, "upload_bytes": 2_500_000, "download_bytes": 7_500_000,
+         "scoring_seconds": 0.0, "curriculum_fraction": 0.6},
+    ]
+    b = round_breakdown(history, 10.0)
+    assert b["round_sim_s"] == pytest.approx(6.0)
+    assert b["round_transfer_s"] == pytest.approx(2.0)
+    assert b["round_compute_s"] == pytest.approx(4.0)
+    assert b["round_scoring_s"] == pytest.approx(0.25)  # (1.0 / 2 devices + 0) / 2 rounds
+    assert b["round_device_upload_bytes"] == pytest.approx(625_000)
+    assert b["round_curriculum_fraction"] == pytest.approx(0.4)
+    assert round_breakdown(history[:1], 10.0) == {}
