@@ -200,8 +200,9 @@ class CurriculumConfig:
     order: Literal["easy_first", "hard_first", "random"] = "easy_first"
     # Rank each class on its own and take the same share of each (our choice; see docs/defaults.md).
     class_balanced: bool = True
-    # Gradient of log p(y|x) with respect to the adapters (+head) or the input embeddings.
-    score_wrt: Literal["adapters", "embeddings"] = "adapters"
+    # Gradient of log p(y|x) with respect to the adapters (+head), the input embeddings, or the
+    # class scores (logits: forward pass only).
+    score_wrt: Literal["adapters", "embeddings", "logits"] = "adapters"
     normalize_by_length: bool = False
     # Re-score a device's data with the current model every R rounds (0: only at first participation).
     rescore_every: int = 0

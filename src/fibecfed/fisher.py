@@ -24,9 +24,9 @@ from torch import nn
 
 Batch = Mapping[str, torch.Tensor]
 LogitsFn = Callable[[Batch], torch.Tensor]
-GradientTarget = Literal["adapters", "embeddings"]
+GradientTarget = Literal["adapters", "embeddings", "logits"]
 
-_TARGETS = ("adapters", "embeddings")
+_TARGETS = ("adapters", "embeddings", "logits")
 
 
 @contextlib.contextmanager
@@ -189,6 +189,19 @@ def _embedding_scores(logits_fn: LogitsFn, model: nn.Module, batch: Batch) -> to
     return per_token.sum(dim=1)
 
 
+def _logit_scores(logits_fn: LogitsFn, batch: Batch) -> torch.Tensor:
+    """‖∂(-log p(y_i|x_i))/∂z_i‖² = ‖softmax(z_i) - e_{y_i}‖², shape (B,), from a forward pass alone.
+
+    z_i (C,) are the class scores. Any last linear layer's weight gradient is (p_i - e_{y_i}) ⊗ h_i,
+    so this is the head's Fisher trace up to the factor ‖h_i‖², at the cost of inference: no
+    backward, no per-sample gradients.
+    """
+    with torch.no_grad():
+        probs = torch.softmax(logits_fn(batch).float(), dim=-1)  # (B, C)
+        residual = probs - F.one_hot(batch["labels"], probs.shape[-1]).to(probs.dtype)
+        return residual.pow(2).sum(dim=-1)
+
+
 def difficulty_scores(
     model: nn.Module,
     params: Mapping[str, nn.Parameter],
@@ -201,7 +214,8 @@ def difficulty_scores(
 
     method.md Part 1: score_i = trace of the diagonal empirical Fisher = ‖g_i‖², with
     g_i = ∇ log p(y_i | x_i) taken over `params` (wrt="adapters", the default) or over the input
-    token embeddings of the non-padded positions (wrt="embeddings"; `params` is then unused).
+    token embeddings of the non-padded positions (wrt="embeddings"), or over the class scores
+    (wrt="logits": a forward pass only, the cheapest); `params` is unused for the last two.
     normalize_by_length divides by the number of real tokens, so long texts are not harder merely
     for being long. Scored in eval mode (dropout off); the model's modes are restored afterwards.
     """
@@ -210,6 +224,8 @@ def difficulty_scores(
     with eval_mode(model):
         if wrt == "adapters":
             scores = squared_norms(per_sample_gradients(model, params, logits_fn, batch))
+        elif wrt == "logits":
+            scores = _logit_scores(logits_fn, batch)
         else:
             scores = _embedding_scores(logits_fn, model, batch)
     if normalize_by_length:

@@ -1,6 +1,9 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fibecfed.adapters import is_lora_key, trainable_parameters
 from fibecfed.fisher import (
@@ -107,6 +110,23 @@ def test_difficulty_scores_match_naive_loop(name, wrt, normalize):
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_logit_scores_by_hand_and_against_autograd():
+    # Class scores z = [0, 0] with label 0: p = [0.5, 0.5], p - e_0 = [-0.5, 0.5], norm^2 = 0.5.
+    # z = [ln 3, 0] with label 1: p = [0.75, 0.25], p - e_1 = [0.75, -0.75], norm^2 = 1.125.
+    fixed = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "labels": torch.tensor([0, 1])}
+    scores = difficulty_scores(nn.Linear(1, 1), {}, lambda b: fixed, batch, wrt="logits")
+    torch.testing.assert_close(scores, torch.tensor([0.5, 1.125]))
+    # On a real model: the squared gradient of each sample's loss with respect to its class scores.
+    model, params, logits_fn = MODELS["bert"]()
+    batch = random_batch(batch_size=5, length=7)
+    logits = logits_fn(batch).detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits, batch["labels"], reduction="sum"), logits)
+    scores = difficulty_scores(model, params, logits_fn, batch, wrt="logits")
+    torch.testing.assert_close(scores, grad.pow(2).sum(1), rtol=1e-5, atol=1e-7)
+    assert all(p.grad is None for p in params.values())  # a forward pass only
+
+
 def test_fitted_sample_is_easier_than_misfitted_one():
     model = tiny_bert()
     params = trainable_parameters(model)
@@ -123,7 +143,7 @@ def test_fitted_sample_is_easier_than_misfitted_one():
     both = {k: torch.cat([fitted[k], wrong[k]]) for k in fitted}
     logits_fn = lambda b: class_logits(model, b, "classifier")  # noqa: E731
     assert F.cross_entropy(logits_fn(fitted), fitted["labels"]) < 0.05
-    for wrt in ("adapters", "embeddings"):
+    for wrt in ("adapters", "embeddings", "logits"):
         easy, hard = difficulty_scores(model, params, logits_fn, both, wrt=wrt).tolist()
         assert easy < hard, wrt
 
@@ -207,7 +227,7 @@ def test_parameter_outside_a_linear_is_rejected():
 def test_unknown_target_is_rejected():
     model, params, logits_fn = _bert()
     with pytest.raises(ValueError, match="adapters"):
-        difficulty_scores(model, params, logits_fn, random_batch(), wrt="logits")
+        difficulty_scores(model, params, logits_fn, random_batch(), wrt="gradients")
 
 
 def test_fisher_accumulated_during_training_equals_per_sample_fisher():

@@ -175,3 +175,16 @@ def test_config_comparison_ignores_keys_a_run_predates():
     assert _same_config({"a": 1, "m": {"x": 2}}, {"a": 1, "m": {"x": 2, "new": False}})
     assert not _same_config({"a": 1, "m": {"x": 2}}, {"a": 1, "m": {"x": 3, "new": False}})
     assert not _same_config({"a": 1, "gone": 0}, {"a": 1})
+
+
+@pytest.mark.parametrize("wrt", ["embeddings", "logits"])
+def test_fibecfed_scores_difficulty_with_each_target(tiny_encoder_dir, tmp_path, wrt):
+    _, rows, ck = _run(tiny_encoder_dir, tmp_path, ["method=fibecfed", f"method.curriculum.score_wrt={wrt}"], rounds=2)
+    assert rows[1]["curriculum_fraction"] < 1.0 and rows[1]["scoring_seconds"] > 0
+    trained = [s for s in ck["device_states"].values() if s["participations"]]
+    assert trained
+    for state in trained:
+        scores = state["extra"]["scores"]
+        assert scores.dim() == 1 and len(scores) > 0 and bool(scores.ge(0).all())
+        # Without a gradient pass to share, the first Fisher of the sparse update comes from a probe.
+        assert state["extra"]["fisher"]
