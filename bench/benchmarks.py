@@ -59,6 +59,52 @@ def report(out: Path) -> str:
     return "\n".join(sections)
 
 
+def _cell(entry: dict, key: str, digits: int = 3) -> str:
+    value, std = entry.get(key), entry.get(key + "_std")
+    if value is None:
+        return "—"
+    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
+
+
+def summary(out: Path, names: list[str] | None = None, fibecfed: str = "fibecfed") -> str:
+    """One line per dataset: final scores, and FibecFed's rounds, time and bytes against FedAvg's.
+
+    Per-round ratios say what a round costs; to-target ratios (only when every seed of both
+    reached the target) add how many rounds it took.
+    """
+    lines = [
+        "| dataset | metric | seeds | FedAvg final | FedProx final | FibecFed final | rounds to target, FedAvg / FibecFed "
+        "| FibecFed reached | time to target ratio | bytes to target ratio | time per round ratio | bytes per round ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    folders = [out / n for n in names] if names else sorted(p for p in out.iterdir() if p.is_dir())
+    for folder in folders:
+        if not (folder / "comparison.json").is_file():
+            continue
+        data = json.loads((folder / "comparison.json").read_text())
+        methods = data["methods"]
+        avg, prox, fib = methods.get("fedavg", {}), methods.get("fedprox", {}), methods.get(fibecfed)
+        if fib is None or not avg:
+            continue
+
+        def ratio(key: str) -> str:
+            value = fib.get(key + "_ratio")
+            return "—" if value is None else f"{value:.2f}"
+
+        def per_round(key: str) -> str:
+            a, b = avg.get(key), fib.get(key)
+            return "—" if not a or b is None else f"{b / a:.2f}"
+
+        lines.append(
+            f"| {folder.name} | {data['metric']} | {len(data['seeds'])} | {_cell(avg, 'final_accuracy')} | "
+            f"{_cell(prox, 'final_accuracy') if prox else '—'} | {_cell(fib, 'final_accuracy')} | "
+            f"{_cell(avg, 'round_to_target', 1)} / {_cell(fib, 'round_to_target', 1)} | {fib['reached']}/{fib['seeds']} | "
+            f"{ratio('sim_time_to_target_s')} | {ratio('upload_bytes_to_target')} | "
+            f"{per_round('round_sim_s')} | {per_round('round_device_upload_bytes')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="tweets,sst2,subj,rte,mrpc,cola")
@@ -74,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run(args, report_only=args.report_only)
     print(report(args.out))
+    print(summary(args.out, args.datasets.split(",")))
     return 0
 
 
