@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
     run(args, report_only=args.report_only)
     print(report(args.out))
     print(summary(args.out, args.datasets.split(",")))

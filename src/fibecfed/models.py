@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,7 +214,10 @@ def load_model(
             peft_config = PeftLoraConfig(
                 task_type=task_type, r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets
             )
-            model = get_peft_model(model, peft_config)
+            with warnings.catch_warnings():
+                # peft asks transformers a deprecated question; the answer is right, the warning noise.
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                model = get_peft_model(model, peft_config)
         except ValueError as exc:
             raise ModelError(f"LoRA on {name!r} failed: {str(exc).splitlines()[0]}; check lora.target_modules") from None
 
