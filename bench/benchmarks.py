@@ -88,8 +88,12 @@ def summary(out: Path, names: list[str] | None = None, fibecfed: str = "fibecfed
             continue
 
         def ratio(key: str) -> str:
+            # The all-seeds ratio; else the seed-by-seed ones where both reached, in brackets.
             value = fib.get(key + "_ratio")
-            return "—" if value is None else f"{value:.2f}"
+            if value is not None:
+                return f"{value:.2f}"
+            paired = fib.get(key + "_paired_ratios") or []
+            return "(" + ", ".join(f"{v:.2f}" for v in paired) + ")" if paired else "—"
 
         def per_round(key: str) -> str:
             a, b = avg.get(key), fib.get(key)

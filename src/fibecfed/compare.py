@@ -164,6 +164,7 @@ def summarise(
         finals, bests, personal, walls, sims, ups = [], [], [], [], [], []
         to_sim, to_wall, to_up, to_round = [], [], [], []
         breakdowns = []
+        per_seed: dict[str, list[float | None]] = {"sim_time_to_target_s": [], "upload_bytes_to_target": []}
         for rows in seed_rows:
             breakdowns.append(round_breakdown(rows, (bandwidths or {}).get(label, 10.0)))
             evaluated = [r for r in rows if r.get("accuracy") is not None]
@@ -175,6 +176,8 @@ def summarise(
             sims.append(rows[-1]["sim_time_s"])
             ups.append(rows[-1]["upload_bytes"])
             hit = first_reaching(rows, target)
+            per_seed["sim_time_to_target_s"].append(None if hit is None else hit["sim_time_s"])
+            per_seed["upload_bytes_to_target"].append(None if hit is None else hit["upload_bytes"])
             if hit is not None:
                 to_sim.append(hit["sim_time_s"])
                 to_wall.append(hit["wall_time_s"])
@@ -192,6 +195,7 @@ def summarise(
             entry[name + "_std"] = std
         for name in breakdowns[0] if breakdowns else ():
             entry[name] = statistics.fmean(b[name] for b in breakdowns)
+        entry["_per_seed"] = per_seed
         table[label] = entry
     ref = table.get(reference) or {}
     for entry in table.values():
@@ -201,6 +205,15 @@ def summarise(
             # rarely does: ratios need every seed of both methods to reach the target.
             complete = name == "final_accuracy" or (entry["reached"] == entry["seeds"] and ref.get("reached") == ref.get("seeds"))
             entry[name + "_ratio"] = value / base if value is not None and base and complete else None
+    ref_seeds = ref.get("_per_seed", {})
+    for entry in table.values():
+        # Seed by seed, where both this method and the reference reached the target: the same
+        # partition and sampling, so a paired ratio is fair even when some seed never got there.
+        for name, values in entry["_per_seed"].items():
+            pairs = zip(values, ref_seeds.get(name, []))
+            entry[name + "_paired_ratios"] = [v / b for v, b in pairs if v is not None and b]
+    for entry in table.values():
+        del entry["_per_seed"]
     return table
 
 
@@ -211,6 +224,10 @@ def _fmt(value: float | None, std: float | None = None, digits: int = 3, scale: 
     if std:
         text += f" ± {std / scale:.{digits}f}"
     return text
+
+
+def _ratios(values: Sequence[float] | None) -> str:
+    return ", ".join(f"{v:.2f}" for v in values) if values else "none"
 
 
 def markdown_table(
@@ -242,6 +259,13 @@ def markdown_table(
         )
     if note:
         lines += ["", note]
+    paired = [
+        f"`{label}` time {_ratios(e.get('sim_time_to_target_s_paired_ratios'))}, bytes {_ratios(e.get('upload_bytes_to_target_paired_ratios'))}"
+        for label, e in table.items()
+        if label != reference
+    ]
+    if paired:
+        lines += ["", f"Seed by seed, where both it and `{reference}` reached the target, to-target ratios: " + "; ".join(paired) + "."]
     if all("round_sim_s" in e for e in table.values()):
         lines += [
             "",

@@ -44,6 +44,19 @@ def test_summarise_ratios_by_hand():
     assert "| fast |" in md and "0.50" in md
 
 
+def test_paired_ratios_use_the_seeds_both_reached():
+    runs = {
+        # seed 0: reference reaches at round 3 (30 s), seed 1: never; "m" reaches in both.
+        "fedavg": [rows([0.3, 0.5, 0.6, 0.7, 0.7]), rows([0.3, 0.3, 0.3, 0.3, 0.3])],
+        "m": [rows([0.3, 0.7, 0.7, 0.7, 0.7], sim_step=5.0, up_step=25), rows([0.3, 0.7, 0.7, 0.7, 0.7])],
+    }
+    table = summarise(runs, 0.6, "fedavg")
+    assert table["m"]["sim_time_to_target_s_ratio"] is None  # not every seed of the reference reached
+    assert table["m"]["sim_time_to_target_s_paired_ratios"] == [pytest.approx(0.5)]  # 15 s / 30 s, seed 0 only
+    assert table["m"]["upload_bytes_to_target_paired_ratios"] == [pytest.approx(0.25)]
+    assert table["fedavg"]["sim_time_to_target_s_paired_ratios"] == [pytest.approx(1.0)]
+
+
 def test_mean_and_spread_over_seeds():
     runs = {"m": [rows([0.3, 0.6]), rows([0.3, 0.8])]}
     entry = summarise(runs, 0.99, "m")["m"]
