@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from fibecfed.cli import quiet_libraries
 from fibecfed.compare import compare, parse_methods
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
+    quiet_libraries()
     run(args, report_only=args.report_only)
     print(report(args.out))
     print(summary(args.out, args.datasets.split(",")))

@@ -27,7 +27,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import dataset_overrides  # bench/ is on the path when run as a script
+
 from fibecfed.adapters import layer_of_key
+from fibecfed.cli import quiet_libraries
 from fibecfed.config import load_config
 from fibecfed.curriculum import pacing_fraction
 from fibecfed.federated import DeviceState, device_layer_scores, device_round, difficulty_of_device
@@ -35,7 +38,6 @@ from fibecfed.layers import aggregation_keys
 from fibecfed.simulator import curriculum_settings, prepare, sparse_settings, train_settings
 
 REPO = Path(__file__).resolve().parents[1]
-GLUE_FOLDERS = {"sst2": "sst-2", "cola": "cola", "mrpc": "mrpc", "rte": "rte", "subj": "subj"}
 
 
 def _round_at_fraction(fraction: float, start: float, full_at: float, rounds: int) -> int:
@@ -54,14 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "datasets")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
+    quiet_libraries()
     torch.set_num_threads(1)
-    data = [f"data.name={args.dataset}"]
-    if args.dataset in GLUE_FOLDERS:
-        data.append(f"data.path={args.shared / GLUE_FOLDERS[args.dataset]}")
-    config = load_config("bench", [*data, "method=fibecfed", *args.overrides])
+    config = load_config("bench", [*dataset_overrides(args.dataset, args.shared), "method=fibecfed", *args.overrides])
     prepared = prepare(config)
     runner, train = prepared.runner, prepared.train
     settings = train_settings(config)

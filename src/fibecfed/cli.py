@@ -14,7 +14,7 @@ from fibecfed.errors import FibecfedError
 logger = logging.getLogger("fibecfed.cli")
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     # Library chatter (weight-loading reports, per-file progress bars) would bury our progress bar.
     import transformers
 
@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        _quiet_libraries()
+        quiet_libraries()
         return COMMANDS[args.command](args)
     except FibecfedError as exc:
         if args.debug:
