@@ -45,18 +45,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fibecfed.compare import compare, parse_methods
+    from fibecfed.compare import DEFAULT_SWEEP_MBPS, compare, parse_bandwidths, parse_methods
 
     methods = parse_methods(args.methods)
+    sweep = parse_bandwidths(args.bandwidths) if args.bandwidths else list(DEFAULT_SWEEP_MBPS)
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     out = Path(args.out) if args.out else Path("runs") / ("compare-" + time.strftime("%Y%m%d-%H%M%S"))
     result = compare(
         methods, seeds, out, config=args.config, overrides=args.overrides, target=args.target,
         target_share=args.target_share, reference=args.reference, progress=not args.no_progress,
-        metric=args.metric, report_only=args.report_only,
+        metric=args.metric, report_only=args.report_only, personalized_target=args.personalized_target, sweep_mbps=sweep,
     )
     print((out / "comparison.md").read_text())
-    print(f"outputs in {out}: comparison.json, comparison.md, comparison.png, one run folder per method and seed")
+    plots = "comparison.png, bandwidth.png" if (out / "bandwidth.png").is_file() else "comparison.png"
+    print(f"outputs in {out}: comparison.json, comparison.md, {plots}, one run folder per method and seed")
     return 0 if result else 1
 
 
@@ -81,7 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--config", help="a YAML config file or a preset name")
     cmp.add_argument("--out", help="comparison folder (default: runs/compare-<timestamp>); unfinished runs resume")
     cmp.add_argument("--target", type=float, help="target accuracy (default: a share of the reference's best)")
-    cmp.add_argument("--target-share", type=float, default=0.95, help="share of the reference's best smoothed accuracy")
+    cmp.add_argument("--target-share", type=float, default=0.95,
+                     help="share of the reference's best smoothed score that makes either default target")
+    cmp.add_argument("--personalized-target", type=float,
+                     help="target personalised score (default: --target-share x the reference's best smoothed one)")
+    cmp.add_argument("--bandwidths",
+                     help="comma-separated link speeds in Mbit/s at which to recompute the time to target "
+                          "(default: 1,2,5,10,20,50,100,1000)")
     cmp.add_argument("--reference", help="method the ratios are against (default: fedavg if listed)")
     cmp.add_argument("--metric", default="accuracy", choices=["accuracy", "f1", "mcc"], help="global metric to compare on")
     cmp.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -167,7 +167,9 @@ class FederationConfig:
     eval_every: int = 1
     # Central evaluation on a fixed random subset of the test split of at most this size.
     eval_samples: int | None = 1000
-    # Personalised evaluation: each sampled device's model on (at most this much of) its test part.
+    # Personalised evaluation, every evaluated round: every device's own model (its personal
+    # layers + the global ones) on (at most device_eval_samples of) its own test part, the
+    # predictions of all devices pooled into one score.
     personalized_eval: bool = True
     device_eval_samples: int | None = 200
 
@@ -200,13 +202,28 @@ class CurriculumConfig:
     order: Literal["easy_first", "hard_first", "random"] = "easy_first"
     # Rank each class on its own and take the same share of each (our choice; see docs/defaults.md).
     class_balanced: bool = True
-    # Gradient of log p(y|x) with respect to the adapters (+head), the input embeddings, or the
-    # class scores (logits: forward pass only).
-    score_wrt: Literal["adapters", "embeddings", "logits"] = "adapters"
+    # Gradient of log p(y|x) with respect to the adapters (+head), the input embeddings, the
+    # class scores (logits), or a linear head's weights (head: the exact Fisher trace
+    # ‖p - e_y‖²(‖h‖² + 1); logits and head need a forward pass only).
+    score_wrt: Literal["adapters", "embeddings", "logits", "head"] = "head"
     normalize_by_length: bool = False
-    # Re-score a device's data with the current model every R rounds (0: only at first participation).
+    # When a device scores its data: "init", the initialisation phase, with the initial model,
+    # in the background from the start of the run (it delays a round only by the part that did
+    # not fit before the device's first round); "first_participation", with the model it
+    # receives then, on the round's critical path.
+    score_at: Literal["init", "first_participation"] = "init"
+    # Score at most this many of a device's samples (a seeded random subset; null: all). The
+    # others rank after the scored ones and join the pool last.
+    score_samples: int | None = 256
+    # Keep the scores of the samples a device trains on current from the training forward pass
+    # itself (the head's Fisher trace, free). None: on when score_wrt=head, the same quantity.
+    online_refresh: bool | None = None
+    # Re-score a device's data with the current model every R rounds (0: never).
     rescore_every: int = 0
     score_batch_size: int = 32
+    # With train.local_steps, train ceil(local_steps · pool fraction) steps, so the local work
+    # follows the pool as it does with local_epochs (early rounds are cheaper).
+    scale_steps: bool = True
 
     def _check(self, issues: list[str]) -> None:
         if not 0.0 < self.start_fraction <= 1.0:
@@ -217,6 +234,13 @@ class CurriculumConfig:
             issues.append(f"method.curriculum.rescore_every must be >= 0, got {self.rescore_every}")
         if self.score_batch_size < 1:
             issues.append(f"method.curriculum.score_batch_size must be >= 1, got {self.score_batch_size}")
+        if self.score_samples is not None and self.score_samples < 1:
+            issues.append(f"method.curriculum.score_samples must be >= 1 or null, got {self.score_samples}")
+        if self.online_refresh and self.score_wrt != "head":
+            issues.append(
+                "method.curriculum.online_refresh refreshes scores with the head's Fisher trace: it needs "
+                f"method.curriculum.score_wrt=head (got {self.score_wrt})"
+            )
 
 
 @dataclass
@@ -229,9 +253,14 @@ class LayerSelectionConfig:
     policy: Literal["sensitivity", "reverse", "random", "all"] = "sensitivity"
     measure: Literal["gain", "output_change"] = "gain"
     noise_scale: float = 0.01
-    # Re-select the layers every R rounds (0: chosen once, in the first round).
-    refresh_every: int = 0
-    probe_samples: int = 32  # samples per device for the sensitivity probe
+    # Rounds of local training before the first choice: in them only the head (and any other
+    # key outside the transformer layers) is exchanged, every layer trains on the device, and at
+    # the end of the last one the sampled devices probe their trained models. 0: probe the
+    # initial global model before round 1 (its LoRA B are zero: the probe sees the backbone).
+    select_after: int = 1
+    # Re-select every R rounds after that, from the sampled devices' trained models (0: never).
+    refresh_every: int = 5
+    probe_samples: int = 16  # samples per device for the sensitivity probe
 
     def _check(self, issues: list[str]) -> None:
         if not 0.0 < self.share <= 1.0:
@@ -242,6 +271,8 @@ class LayerSelectionConfig:
             issues.append(f"method.layers.refresh_every must be >= 0, got {self.refresh_every}")
         if self.probe_samples < 1:
             issues.append(f"method.layers.probe_samples must be >= 1, got {self.probe_samples}")
+        if self.select_after < 0:
+            issues.append(f"method.layers.select_after must be >= 0, got {self.select_after}")
 
 
 @dataclass
@@ -255,9 +286,18 @@ class SparseUpdateConfig:
     # steps themselves (no extra pass; F from the previous participation picks this round's mask);
     # "probe" runs a separate pass over `fisher_samples` pool samples before training.
     fisher_source: Literal["training", "probe"] = "training"
-    fisher_samples: int = 64  # probe size (and first-participation size without curriculum scores)
+    fisher_samples: int = 64  # probe size (fisher_source=probe)
+    # The non-aggregated layers train on every k-th participation of a device (1: every time).
+    # In the others only the aggregated layers and the head train, and the backward pass stops
+    # at the lowest of them: the compute the sparse update saves.
+    every: int = 1
+    # Importance of a lora_A row: "rank", its rank component's (its own Fisher plus that of
+    # lora_B's matching column, non-zero while B = 0); "rows", its own Fisher only.
+    lora_a_importance: Literal["rank", "rows"] = "rank"
 
     def _check(self, issues: list[str]) -> None:
+        if self.every < 1:
+            issues.append(f"method.sparse.every must be >= 1, got {self.every}")
         if not 0.0 <= self.share <= 1.0:
             issues.append(f"method.sparse.share must be in [0, 1], got {self.share}")
         if not 0.0 <= self.gamma < 1.0:
@@ -282,6 +322,8 @@ class MethodConfig:
         for part in (self.curriculum, self.layers, self.sparse):
             if part.enabled is None:
                 part.enabled = is_fibecfed
+        if self.curriculum.online_refresh is None:
+            self.curriculum.online_refresh = self.curriculum.score_wrt == "head"
         if self.prox_mu is None:
             self.prox_mu = 0.01 if self.name == "fedprox" else 0.0
 

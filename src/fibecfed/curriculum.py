@@ -126,25 +126,30 @@ def curriculum_pool(
     easy_first: the lowest difficulty scores, easiest first; hard_first: the highest, hardest
     first (ablation); random: a random subset drawn with `rng` (ablation, scores unused). Equal
     scores are ordered by index, so the pool does not depend on the order of `indices`.
+    A NaN score marks a sample not scored (a device may score only a subsample): unscored
+    samples rank after every scored one, in an order drawn with `rng` (by index without one),
+    so they join the pool once the scored ones are all in.
     """
     if order not in _ORDERS:
         raise ValueError(f"unknown curriculum order {order!r}; choose one of {list(_ORDERS)}")
     score_list = [float(s) for s in (scores.tolist() if isinstance(scores, torch.Tensor) else scores)]
     if len(score_list) != len(indices):
         raise ValueError(f"{len(indices)} indices but {len(score_list)} scores")
-    if any(math.isnan(s) for s in score_list):
-        raise ValueError("difficulty scores contain NaN; re-score the device's data")
     size = pool_size(fraction, len(indices))
     items = [(s, int(i)) for s, i in zip(score_list, indices)]
-    if order == "easy_first":
-        ranked = sorted(items, key=lambda item: (item[0], item[1]))
-    elif order == "hard_first":
-        ranked = sorted(items, key=lambda item: (-item[0], item[1]))
-    else:
+    if order == "random":
         if rng is None:
             raise ValueError("order='random' needs an rng (numpy.random.Generator)")
-        ranked = [items[j] for j in rng.permutation(len(items))]
-    return [index for _, index in ranked[:size]]
+        return [items[j][1] for j in rng.permutation(len(items))[:size]]
+    scored = [item for item in items if not math.isnan(item[0])]
+    unscored = sorted(index for s, index in items if math.isnan(s))
+    sign = 1.0 if order == "easy_first" else -1.0
+    ranked = [index for _, index in sorted(scored, key=lambda item: (sign * item[0], item[1]))]
+    if len(ranked) < size and unscored:
+        if rng is not None:
+            unscored = [unscored[j] for j in rng.permutation(len(unscored))]
+        ranked += unscored
+    return ranked[:size]
 
 
 def class_balanced_pool(

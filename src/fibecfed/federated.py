@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,11 +21,11 @@ from fibecfed.adapters import AdapterState, get_state, is_lora_key, set_state, t
 from fibecfed.aggregation import has_non_finite, merge_state, weighted_average
 from fibecfed.curriculum import class_balanced_pool, curriculum_pool, pacing_fraction
 from fibecfed.encoding import EncodedDataset, collate
-from fibecfed.fisher import FisherAccumulator, score_and_fisher, score_dataset
+from fibecfed.fisher import FisherAccumulator, head_fisher_trace, score_and_fisher, score_dataset
 from fibecfed.evaluation import classification_metrics, predict
-from fibecfed.heads import class_logits
+from fibecfed.heads import HeadOutput, class_logits, class_logits_and_features
 from fibecfed.layers import layer_sensitivity
-from fibecfed.masks import neuron_importance, neuron_masks, update_fisher_momentum
+from fibecfed.masks import neuron_importance, neuron_masks, rank_importance, update_fisher_momentum
 from fibecfed.models import LoadedModel
 from fibecfed.training import NonFiniteLossError, local_train, num_local_steps, sample_batches
 
@@ -57,8 +58,12 @@ class CurriculumSettings:
     class_balanced: bool = False
     score_wrt: str = "adapters"
     normalize_by_length: bool = False
+    score_at: str = "first_participation"
+    score_samples: int | None = None
+    online_refresh: bool = False
     rescore_every: int = 0
     score_batch_size: int = 32
+    scale_steps: bool = False
     total_rounds: int = 1
 
 
@@ -71,6 +76,17 @@ class SparseSettings:
     fisher_source: str = "training"
     fisher_samples: int = 64
     batch_size: int = 32
+    every: int = 1
+    lora_a_importance: str = "rank"
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """Part 2a: the layer-sensitivity probe a device runs on its trained model (config.LayerSelectionConfig)."""
+
+    probe_samples: int = 16
+    noise_scale: float = 0.01
+    measure: str = "gain"
 
 
 @dataclass
@@ -99,6 +115,12 @@ class DeviceUpdate:
     curriculum_fraction: float = 1.0  # share of the device's data in this round's pool
     pool_size: int = 0
     scoring_seconds: float = 0.0  # part of compute_seconds spent on difficulty scores and Fisher
+    # Seconds of the initialisation-phase scoring this device ran before its first round (in the
+    # background: see config.CurriculumConfig.score_at); not part of compute_seconds.
+    background_seconds: float = 0.0
+    layer_scores: torch.Tensor | None = None  # (L,) sensitivity of its trained model, when probed
+    probe_seconds: float = 0.0  # part of compute_seconds spent on the probe
+    trained_personal: bool = False  # whether its non-aggregated layers trained this round
 
 
 class ModelRunner:
@@ -119,6 +141,9 @@ class ModelRunner:
     def logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return class_logits(self.loaded.model, batch, self.loaded.head, self.loaded.label_token_ids)
 
+    def head_output(self, batch: Mapping[str, torch.Tensor]) -> HeadOutput:
+        return class_logits_and_features(self.loaded.model, batch, self.loaded.head, self.loaded.label_token_ids)
+
     def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(self.logits(batch), batch["labels"])
 
@@ -130,6 +155,15 @@ class ModelRunner:
 
     def state(self, keys: Sequence[str] | None = None) -> AdapterState:
         return get_state(self.params, keys)
+
+    def predictions(self, encoded: EncodedDataset, indices: Sequence[int], batch_size: int) -> torch.Tensor:
+        """Predicted class of each of `indices`, shape (N,), in that order."""
+        self.loaded.model.eval()
+        ordered = sorted(range(len(indices)), key=lambda j: len(encoded.input_ids[indices[j]]))
+        preds, _ = predict(self.logits, lambda idx: self.batch(encoded, idx), [indices[j] for j in ordered], batch_size)
+        result = torch.empty(len(indices), dtype=torch.long)
+        result[torch.tensor(ordered, dtype=torch.long)] = preds
+        return result
 
     def evaluate(self, encoded: EncodedDataset, indices: Sequence[int], batch_size: int, num_classes: int) -> dict[str, float]:
         """Accuracy, f1, mcc and mean loss of the current model on `indices`."""
@@ -154,11 +188,23 @@ def _length_sorted(encoded: EncodedDataset, indices: Sequence[int]) -> list[int]
 
 
 def difficulty_of_device(
-    runner: ModelRunner, train: EncodedDataset, train_indices: Sequence[int], settings: CurriculumSettings
+    runner: ModelRunner,
+    train: EncodedDataset,
+    train_indices: Sequence[int],
+    settings: CurriculumSettings,
+    rng: np.random.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Fisher difficulty score of each of the device's samples, shape (n_k,), in `train_indices`
-    order; and, when scored over the adapters, the diagonal Fisher of the same pass (free)."""
-    ordered = _length_sorted(train, train_indices)
+    order (NaN for samples left unscored when `settings.score_samples` caps the count: a random
+    subset drawn with `rng`); and, when scored over the adapters, the diagonal Fisher of the same
+    pass (free)."""
+    chosen = list(train_indices)
+    cap = settings.score_samples
+    if cap is not None and len(chosen) > cap:
+        if rng is None:
+            raise ValueError("scoring a subsample needs an rng")
+        chosen = rng.choice(np.asarray(chosen), cap, replace=False).tolist()
+    ordered = _length_sorted(train, chosen)
     make_batch = lambda idx: runner.batch(train, idx)  # noqa: E731
     fisher = None
     if settings.score_wrt == "adapters":
@@ -169,10 +215,44 @@ def difficulty_of_device(
     else:
         scores = score_dataset(
             runner.loaded.model, runner.params, runner.logits, make_batch, ordered, settings.score_batch_size,
-            wrt=settings.score_wrt, normalize_by_length=settings.normalize_by_length,
+            wrt=settings.score_wrt, normalize_by_length=settings.normalize_by_length, head_fn=runner.head_output,
         )
     by_index = dict(zip(ordered, scores.tolist()))
-    return torch.tensor([by_index[i] for i in train_indices], dtype=torch.float32), fisher
+    return torch.tensor([by_index.get(i, float("nan")) for i in train_indices], dtype=torch.float32), fisher
+
+
+def _store_scores(device_state: DeviceState, scores: torch.Tensor, fisher: dict[str, torch.Tensor] | None, round_num: int) -> None:
+    device_state.extra["scores"] = scores
+    device_state.extra["scored_round"] = round_num
+    if fisher is not None and "fisher" not in device_state.extra:
+        # The first Fisher of the sparse update comes with adapter scores, at no extra cost.
+        device_state.extra["fisher"] = fisher
+
+
+def initial_difficulty(
+    runner: ModelRunner,
+    train: EncodedDataset,
+    train_indices: Sequence[int],
+    device_state: DeviceState,
+    initial_state: Mapping[str, torch.Tensor] | None,
+    settings: CurriculumSettings,
+    seed: int,
+    device: int,
+) -> None:
+    """The initialisation phase of one device: score its data with the initial global model.
+
+    The model's current state is put back afterwards. The subsample (score_samples) is drawn
+    from (seed, device) alone, so it does not depend on when the device scores.
+    """
+    current = runner.state() if initial_state is not None else None
+    if initial_state is not None:
+        runner.load_state(initial_state)
+    try:
+        scores, fisher = difficulty_of_device(runner, train, train_indices, settings, np.random.default_rng([seed, 0, device, 6]))
+    finally:
+        if current is not None:
+            runner.load_state(current)
+    _store_scores(device_state, scores, fisher, 0)
 
 
 def curriculum_round_pool(
@@ -183,21 +263,22 @@ def curriculum_round_pool(
     round_num: int,
     settings: CurriculumSettings,
     rng: np.random.Generator,
+    seed: int = 0,
+    device: int = 0,
 ) -> tuple[list[int], float]:
     """This round's training pool: the easiest ⌈g(t)·n_k⌉ samples (method.md Part 1).
 
-    Scores are computed at the device's first participation and, if `rescore_every` > 0, again
-    once that many rounds have passed, with the model the device has at that moment.
+    Scores come from the initialisation phase (`initial_difficulty`), or are computed here at
+    the device's first participation with the model it has then; if `rescore_every` > 0, again
+    once that many rounds have passed.
     """
     scored_round = device_state.extra.get("scored_round")
     stale = settings.rescore_every > 0 and scored_round is not None and round_num - scored_round >= settings.rescore_every
     if "scores" not in device_state.extra or stale:
-        scores, fisher = difficulty_of_device(runner, train, train_indices, settings)
-        device_state.extra["scores"] = scores
-        device_state.extra["scored_round"] = round_num
-        if fisher is not None and "fisher" not in device_state.extra:
-            # The first Fisher of the sparse update comes with the scores, at no extra cost.
-            device_state.extra["fisher"] = fisher
+        scores, fisher = difficulty_of_device(
+            runner, train, train_indices, settings, np.random.default_rng([seed, round_num, device, 6])
+        )
+        _store_scores(device_state, scores, fisher, round_num)
     fraction = pacing_fraction(
         settings.pacing, round_num, settings.total_rounds, start_fraction=settings.start_fraction, full_at=settings.full_at
     )
@@ -209,6 +290,16 @@ def curriculum_round_pool(
     return pool, fraction
 
 
+def masks_from_fisher(
+    fisher: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size], settings: SparseSettings
+) -> dict[str, torch.Tensor]:
+    """Row masks keeping the top share ρ of each LoRA matrix's neurons by Fisher importance."""
+    importance = neuron_importance({k: fisher[k] for k in shapes})
+    if settings.lora_a_importance == "rank":
+        importance = rank_importance(fisher, importance)
+    return neuron_masks(importance, shapes, settings.share)
+
+
 def sparse_update_masks(
     runner: ModelRunner,
     train: EncodedDataset,
@@ -217,18 +308,20 @@ def sparse_update_masks(
     device_state: DeviceState,
     settings: SparseSettings,
     rng: np.random.Generator,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor] | None:
     """Masks that let only the most important neurons of the non-aggregated layers train.
 
-    The diagonal Fisher of this round, F~_t = mean_i g_i² over a sample of the pool, is smoothed
-    with the device's momentum, F_t = γ F_{t-1} + (1-γ) F~_t (method.md Part 2), and the top
-    share ρ of each LoRA matrix's rows by neuron-wise Fisher may change.
+    The diagonal Fisher F_t = γ F_{t-1} + (1-γ) F~_t (method.md Part 2) picks the top share ρ of
+    each LoRA matrix's rows. With fisher_source=probe, F~_t comes from a pass over a sample of
+    the pool now; with "training" it is the device's momentum from its earlier rounds, and None
+    is returned at a first participation: the masks then come from the first training step's
+    own Fisher (`device_round`), with no extra pass.
     """
     lora_keys = [k for k in personal_keys if is_lora_key(k)]
     if not lora_keys:
         return {}
     fisher = device_state.extra.get("fisher")
-    if fisher is None or settings.fisher_source == "probe":
+    if settings.fisher_source == "probe":
         probe_size = min(settings.fisher_samples, len(pool))
         probe = _length_sorted(train, rng.choice(np.asarray(pool), probe_size, replace=False).tolist())
         personal_params = {k: runner.params[k] for k in lora_keys}
@@ -237,8 +330,36 @@ def sparse_update_masks(
         )
         fisher = update_fisher_momentum(fisher, fisher_now, settings.gamma)
         device_state.extra["fisher"] = fisher
-    shapes = {k: runner.params[k].shape for k in lora_keys}
-    return neuron_masks(neuron_importance({k: fisher[k] for k in lora_keys}), shapes, settings.share)
+    if fisher is None or any(k not in fisher for k in lora_keys):
+        return None
+    return masks_from_fisher(fisher, {k: runner.params[k].shape for k in lora_keys}, settings)
+
+
+def round_steps(pool_size: int, fraction: float, settings: LocalTrainSettings, scale_steps: bool) -> int:
+    """Local steps this round: epochs over the pool, or local_steps (times the pool fraction
+    when the work follows the curriculum)."""
+    if settings.local_steps is not None and scale_steps:
+        return max(1, math.ceil(settings.local_steps * fraction - 1e-9))
+    return num_local_steps(pool_size, settings.batch_size, settings.local_steps, settings.local_epochs)
+
+
+def probe_layers(
+    runner: ModelRunner,
+    train: EncodedDataset,
+    train_indices: Sequence[int],
+    probe: ProbeSettings,
+    seed: int,
+    round_num: int,
+    device: int,
+) -> torch.Tensor:
+    """Per-layer sensitivity (L,) of the model as it is now, on a random local batch."""
+    rng = np.random.default_rng([seed, round_num, device, 3])
+    size = min(probe.probe_samples, len(train_indices))
+    chosen = _length_sorted(train, rng.choice(np.asarray(train_indices), size, replace=False).tolist())
+    generator = torch.Generator().manual_seed(derive_seed(seed, round_num, device, 4))
+    return layer_sensitivity(
+        runner.loaded.model, runner.batch(train, chosen), noise_scale=probe.noise_scale, generator=generator, measure=probe.measure
+    )
 
 
 def device_round(
@@ -258,6 +379,8 @@ def device_round(
     curriculum: CurriculumSettings | None = None,
     sparse: SparseSettings | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    initial_state: Mapping[str, torch.Tensor] | None = None,
+    probe: ProbeSettings | None = None,
 ) -> DeviceUpdate:
     """Download, train locally, and return what the device uploads.
 
@@ -265,6 +388,9 @@ def device_round(
     personal state for the rest; after training, the personal entries are written back into
     `device_state` and the exchanged ones are returned. With every method switch off
     (curriculum=None, sparse=None, all keys exchanged) this is FedAvg's local step.
+    `initial_state` is the run's initial global state, which the initialisation phase scores
+    with (curriculum.score_at=init). `probe`: measure the layer sensitivity of the trained model
+    at the end of the round (the scores travel up with the update).
     """
     keys = list(exchanged_keys) if exchanged_keys is not None else runner.keys
     exchanged = set(keys)
@@ -274,23 +400,55 @@ def device_round(
         # First participation: the device starts its personal layers from the initial global values.
         runner.load_state({k: device_state.personal.get(k, global_state[k]) for k in personal_keys}, strict=False)
 
+    background = 0.0
+    if curriculum is not None and curriculum.score_at == "init" and "scores" not in device_state.extra:
+        # The initialisation phase, which a real device runs as soon as it joins: timed apart.
+        background_started = clock()
+        initial_difficulty(runner, train, train_indices, device_state, initial_state, curriculum, seed, device)
+        background = clock() - background_started
+
     rng = np.random.default_rng([seed, round_num, device, 1])
     started = clock()
     pool, fraction = list(train_indices), 1.0
     if curriculum is not None:
-        pool, fraction = curriculum_round_pool(runner, train, train_indices, device_state, round_num, curriculum, rng)
+        pool, fraction = curriculum_round_pool(runner, train, train_indices, device_state, round_num, curriculum, rng, seed, device)
+    # The non-aggregated layers train on every k-th participation (sparse.every); otherwise they
+    # are frozen, and the backward pass stops at the lowest aggregated layer.
+    train_personal = bool(personal_keys) and (sparse is None or device_state.participations % sparse.every == 0)
     masks = None
-    if sparse is not None and personal_keys:
+    if sparse is not None and train_personal:
         masks = sparse_update_masks(runner, train, pool, personal_keys, device_state, sparse, rng)
     scoring_seconds = clock() - started
 
-    steps = num_local_steps(len(pool), settings.batch_size, settings.local_steps, settings.local_epochs)
+    steps = round_steps(len(pool), fraction, settings, curriculum is not None and curriculum.scale_steps)
     batch_indices = sample_batches(pool, settings.batch_size, steps, rng)
     anchor = {k: global_state[k] for k in keys} if settings.prox_mu > 0 else None
 
+    lora_personal = [k for k in personal_keys if is_lora_key(k)]
     accumulator = None
-    if masks and sparse is not None and sparse.fisher_source == "training":
-        accumulator = FisherAccumulator(runner.loaded.model, {k: runner.params[k] for k in masks})
+    if sparse is not None and train_personal and sparse.fisher_source == "training" and lora_personal:
+        accumulator = FisherAccumulator(runner.loaded.model, {k: runner.params[k] for k in lora_personal})
+    lazy_masks = None
+    if accumulator is not None and masks is None:
+
+        def lazy_masks() -> dict[str, torch.Tensor]:
+            # A first participation: this step's own Fisher picks the rows (fix for B = 0: see
+            # masks.rank_importance), so no probe pass runs before training.
+            accumulator.samples = len(batch_indices[0])
+            first = accumulator.fisher()
+            return masks_from_fisher(first, {k: runner.params[k].shape for k in lora_personal}, sparse)
+
+    online = curriculum is not None and curriculum.online_refresh
+    recorded: list[torch.Tensor] = []
+
+    def loss_fn(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if not online:
+            return runner.loss(batch)
+        out = runner.head_output(batch)
+        # Each trained sample's difficulty, current, from this very forward pass (free).
+        recorded.append(head_fisher_trace(out.logits, out.features, batch["labels"], out.has_bias).cpu())
+        return torch.nn.functional.cross_entropy(out.logits, batch["labels"])
+
     runner.loaded.model.train()
     # Dropout draws from torch's global RNG: seed it per (run, round, device) inside a fork so
     # the run is reproducible and resumable and the caller's RNG is left untouched.
@@ -298,7 +456,7 @@ def device_round(
         torch.manual_seed(derive_seed(seed, round_num, device, 2))
         result = local_train(
             runner.params,
-            runner.loss,
+            loss_fn,
             (runner.batch(train, idx) for idx in batch_indices),
             lr=settings.lr,
             head_lr=settings.head_lr,
@@ -307,11 +465,25 @@ def device_round(
             prox_mu=settings.prox_mu,
             prox_anchor=anchor,
             update_masks=masks,
+            frozen_keys=[] if train_personal else personal_keys,
+            masks_after_first_backward=lazy_masks,
         )
     if accumulator is not None:
         # F_t = γ F_{t-1} + (1-γ) F~_t with F~_t from this round's own training steps.
         accumulator.samples = result.samples
-        device_state.extra["fisher"] = update_fisher_momentum(device_state.extra["fisher"], accumulator.fisher(), sparse.gamma)
+        device_state.extra["fisher"] = update_fisher_momentum(device_state.extra.get("fisher"), accumulator.fisher(), sparse.gamma)
+    if recorded:
+        position = {index: i for i, index in enumerate(train_indices)}
+        scores = device_state.extra["scores"].clone()
+        for batch, values in zip(batch_indices, recorded):
+            for index, value in zip(batch, values.tolist()):
+                scores[position[index]] = value
+        device_state.extra["scores"] = scores
+    layer_scores, probe_seconds = None, 0.0
+    if probe is not None:
+        probe_started = clock()
+        layer_scores = probe_layers(runner, train, train_indices, probe, seed, round_num, device)
+        probe_seconds = clock() - probe_started
     compute_seconds = clock() - started
 
     upload = runner.state(keys)
@@ -335,6 +507,10 @@ def device_round(
         curriculum_fraction=fraction,
         pool_size=len(pool),
         scoring_seconds=scoring_seconds,
+        background_seconds=background,
+        layer_scores=layer_scores,
+        probe_seconds=probe_seconds,
+        trained_personal=train_personal,
     )
 
 
@@ -351,16 +527,11 @@ def device_layer_scores(
     device: int,
     clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[torch.Tensor, float]:
-    """A device's per-layer sensitivity (L,) on a random local batch, with the global model; and seconds."""
+    """A device's per-layer sensitivity (L,) with the global model, before training; and seconds
+    (method.layers.select_after=0)."""
     started = clock()
     runner.load_state(global_state)
-    rng = np.random.default_rng([seed, round_num, device, 3])
-    size = min(probe_samples, len(train_indices))
-    probe = _length_sorted(train, rng.choice(np.asarray(train_indices), size, replace=False).tolist())
-    generator = torch.Generator().manual_seed(derive_seed(seed, round_num, device, 4))
-    scores = layer_sensitivity(
-        runner.loaded.model, runner.batch(train, probe), noise_scale=noise_scale, generator=generator, measure=measure
-    )
+    scores = probe_layers(runner, train, train_indices, ProbeSettings(probe_samples, noise_scale, measure), seed, round_num, device)
     return scores, clock() - started
 
 
@@ -391,6 +562,7 @@ def valid_updates(updates: Sequence[DeviceUpdate]) -> tuple[list[DeviceUpdate], 
 
 __all__ = [
     "CurriculumSettings",
+    "ProbeSettings",
     "SparseSettings",
     "device_layer_scores",
     "DeviceState",

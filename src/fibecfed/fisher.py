@@ -22,11 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fibecfed.heads import HeadOutput
+
 Batch = Mapping[str, torch.Tensor]
 LogitsFn = Callable[[Batch], torch.Tensor]
-GradientTarget = Literal["adapters", "embeddings", "logits"]
+GradientTarget = Literal["adapters", "embeddings", "logits", "head"]
+# Class scores and the last linear map's input, from one forward pass (heads.HeadOutput).
+HeadFn = Callable[[Batch], "HeadOutput"]
 
-_TARGETS = ("adapters", "embeddings", "logits")
+_TARGETS = ("adapters", "embeddings", "logits", "head")
 
 
 @contextlib.contextmanager
@@ -192,14 +196,33 @@ def _embedding_scores(logits_fn: LogitsFn, model: nn.Module, batch: Batch) -> to
 def _logit_scores(logits_fn: LogitsFn, batch: Batch) -> torch.Tensor:
     """‖∂(-log p(y_i|x_i))/∂z_i‖² = ‖softmax(z_i) - e_{y_i}‖², shape (B,), from a forward pass alone.
 
-    z_i (C,) are the class scores. Any last linear layer's weight gradient is (p_i - e_{y_i}) ⊗ h_i,
-    so this is the head's Fisher trace up to the factor ‖h_i‖², at the cost of inference: no
-    backward, no per-sample gradients.
+    z_i (C,) are the class scores: this is the Fisher trace with respect to the scores themselves,
+    not a parameter's. The head's own Fisher also depends on the features it sees: see
+    `head_fisher_trace` (wrt="head").
     """
     with torch.no_grad():
         probs = torch.softmax(logits_fn(batch).float(), dim=-1)  # (B, C)
         residual = probs - F.one_hot(batch["labels"], probs.shape[-1]).to(probs.dtype)
         return residual.pow(2).sum(dim=-1)
+
+
+def head_fisher_trace(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    """Trace of sample i's empirical Fisher over a linear head z = W h + b, shape (B,).
+
+    ∂(-log p(y|x))/∂W = (p - e_y) ⊗ h and ∂/∂b = p - e_y, so the trace ‖g‖² is
+    ‖p - e_y‖² · (‖h‖² + 1) with a bias, ‖p - e_y‖² · ‖h‖² without. logits (B, C), features
+    (B, H), labels (B,). Exact, from a forward pass: no backward, no per-sample gradients.
+    """
+    probs = torch.softmax(logits.detach().float(), dim=-1)  # (B, C)
+    residual = probs - F.one_hot(labels, probs.shape[-1]).to(probs.dtype)
+    feature_norm = features.detach().float().pow(2).sum(dim=-1)  # (B,)
+    return residual.pow(2).sum(dim=-1) * (feature_norm + (1.0 if has_bias else 0.0))
+
+
+def _head_scores(head_fn: HeadFn, batch: Batch) -> torch.Tensor:
+    with torch.no_grad():
+        out = head_fn(batch)
+        return head_fisher_trace(out.logits, out.features, batch["labels"], out.has_bias)
 
 
 def difficulty_scores(
@@ -209,13 +232,15 @@ def difficulty_scores(
     batch: Batch,
     wrt: GradientTarget = "adapters",
     normalize_by_length: bool = False,
+    head_fn: HeadFn | None = None,
 ) -> torch.Tensor:
     """Fisher difficulty of each sample in `batch`, shape (B,), float32, detached.
 
     method.md Part 1: score_i = trace of the diagonal empirical Fisher = ‖g_i‖², with
     g_i = ∇ log p(y_i | x_i) taken over `params` (wrt="adapters", the default) or over the input
-    token embeddings of the non-padded positions (wrt="embeddings"), or over the class scores
-    (wrt="logits": a forward pass only, the cheapest); `params` is unused for the last two.
+    token embeddings of the non-padded positions (wrt="embeddings"), over the class scores
+    (wrt="logits"), or over the weights of a linear head (wrt="head", needs `head_fn`: the exact
+    `head_fisher_trace`); the last two need a forward pass only. `params` is used by "adapters" only.
     normalize_by_length divides by the number of real tokens, so long texts are not harder merely
     for being long. Scored in eval mode (dropout off); the model's modes are restored afterwards.
     """
@@ -226,6 +251,10 @@ def difficulty_scores(
             scores = squared_norms(per_sample_gradients(model, params, logits_fn, batch))
         elif wrt == "logits":
             scores = _logit_scores(logits_fn, batch)
+        elif wrt == "head":
+            if head_fn is None:
+                raise ValueError("wrt='head' needs head_fn, the class scores with the head's input features")
+            scores = _head_scores(head_fn, batch)
         else:
             scores = _embedding_scores(logits_fn, model, batch)
     if normalize_by_length:
@@ -249,6 +278,7 @@ def score_dataset(
     batch_size: int,
     wrt: GradientTarget = "adapters",
     normalize_by_length: bool = False,
+    head_fn: HeadFn | None = None,
 ) -> torch.Tensor:
     """Difficulty scores of the samples at `indices`, shape (N,), float32 on the CPU, in that order.
 
@@ -256,7 +286,7 @@ def score_dataset(
     the batch on the model's device) and scored together.
     """
     scores = [
-        difficulty_scores(model, params, logits_fn, make_batch(chunk), wrt, normalize_by_length).cpu()
+        difficulty_scores(model, params, logits_fn, make_batch(chunk), wrt, normalize_by_length, head_fn).cpu()
         for chunk in _chunks(indices, batch_size)
     ]
     return torch.cat(scores) if scores else torch.zeros(0)

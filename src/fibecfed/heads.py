@@ -4,9 +4,24 @@ scores never need to know which head a model has."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+@dataclass
+class HeadOutput:
+    """Class scores and what the last linear map saw.
+
+    logits: (B, C). features: (B, H), the input h of the linear map that produced the logits
+    (the classifier's input, or the decoder's last hidden state at the next-token position).
+    has_bias: whether that map adds a bias (so ∂z/∂b = 1 per class).
+    """
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    has_bias: bool
 
 
 def class_logits(
@@ -26,6 +41,12 @@ def class_logits(
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if head == "classifier":
         return model(**inputs).logits
+    return _verbalizer(model, inputs, head, label_token_ids).logits
+
+
+def _verbalizer(
+    model: nn.Module, inputs: Mapping[str, torch.Tensor], head: str, label_token_ids: torch.Tensor | None
+) -> HeadOutput:
     if head != "verbalizer" or label_token_ids is None:
         raise ValueError(f"unknown head {head!r} or missing label_token_ids")
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -37,6 +58,57 @@ def class_logits(
     lm_head = causal_lm.get_output_embeddings()
     weight = lm_head.weight[label_token_ids]  # (C, H)
     logits = final @ weight.T  # (B, C)
-    if getattr(lm_head, "bias", None) is not None:
-        logits = logits + lm_head.bias[label_token_ids]
-    return logits
+    bias = getattr(lm_head, "bias", None)
+    if bias is not None:
+        logits = logits + bias[label_token_ids]
+    return HeadOutput(logits, final, bias is not None)
+
+
+def class_logits_and_features(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    head: str,
+    label_token_ids: torch.Tensor | None = None,
+) -> HeadOutput:
+    """`class_logits` plus the input of the last linear map, from the same forward pass.
+
+    For the classifier head the last nn.Linear with C outputs whose output is the logits is
+    found with forward hooks (BERT `classifier`, RoBERTa `classifier.out_proj`; Llama's `score`
+    runs on every token, and the token it pools is found by matching its output to the logits),
+    so any sequence-classification model works without a table of head names.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if head != "classifier":
+        return _verbalizer(model, inputs, head, label_token_ids)
+    num_classes = int(model.config.num_labels) if hasattr(model, "config") else None
+    calls: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []
+
+    def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        calls.append((module, args[0], output))
+
+    handles = [
+        m.register_forward_hook(record)
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and (num_classes is None or m.out_features == num_classes)
+    ]
+    try:
+        logits = model(**inputs).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    batch_size = logits.shape[0]
+    rows = torch.arange(batch_size, device=logits.device)
+    for module, x, out in reversed(calls):
+        if out.shape == logits.shape and torch.equal(out, logits):
+            return HeadOutput(logits, x.reshape(batch_size, -1), module.bias is not None)
+        if out.dim() == 3 and out.shape[0] == batch_size and out.shape[-1] == logits.shape[-1]:
+            # A head that runs on every token and then pools one position (Llama's `score` takes
+            # the last real token): only that position's input reaches the loss.
+            hits = (out == logits[:, None, :]).all(dim=-1)  # (B, L)
+            if bool(hits.any(dim=1).all()):
+                position = hits.shape[1] - 1 - hits.flip(dims=[1]).int().argmax(dim=1)  # last matching token
+                return HeadOutput(logits, x[rows, position], module.bias is not None)
+    raise NotImplementedError(
+        f"cannot find the linear map that produces the class scores of {type(model).__name__}; "
+        f"use method.curriculum.score_wrt=adapters or logits"
+    )

@@ -33,6 +33,35 @@ def neuron_importance(fisher: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return importance
 
 
+def lora_partner(key: str) -> str | None:
+    """The lora_B key of a lora_A key (the two halves of one low-rank update), else None."""
+    return key.replace(".lora_A.", ".lora_B.") if ".lora_A." in key else None
+
+
+def rank_importance(fisher: Mapping[str, torch.Tensor], importance: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Importance of each lora_A row as the importance of its rank component.
+
+    Row j of lora_A (r, in) and column j of lora_B (out, r) form rank component j of the update
+    B·A. While B = 0 (peft's initialisation, so at every device's first participation) the
+    gradient of A is exactly zero: ∂L/∂A = Bᵀ·(∂L/∂y)·xᵀ. Ranking A's rows by their own Fisher
+    then ranks all-zero rows, and the mask is a tie-break (row 0). The Fisher of B's column j,
+    Σ_o F_B[o, j], measures how much component j could reduce the loss, and is non-zero from
+    the start (∂L/∂B = (∂L/∂y)·(A x)ᵀ with A random). So A row j scores
+    Σ_i F_A[j, i] + Σ_o F_B[o, j]: its own importance plus its component's. Keys without a
+    lora_B partner in `fisher` keep their own importance.
+    """
+    result = dict(importance)
+    for key in importance:
+        partner = lora_partner(key)
+        if partner is None or partner not in fisher:
+            continue
+        component = fisher[partner].reshape(fisher[partner].shape[0], -1).sum(dim=0)  # (r,): column sums of B
+        if component.shape != importance[key].shape:
+            raise ValueError(f"{partner} has {component.shape[0]} columns but {key} has {importance[key].shape[0]} rows")
+        result[key] = importance[key] + component.to(importance[key].dtype)
+    return result
+
+
 def update_fisher_momentum(
     previous: Mapping[str, torch.Tensor] | None, current: Mapping[str, torch.Tensor], gamma: float
 ) -> dict[str, torch.Tensor]:

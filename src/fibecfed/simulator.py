@@ -28,8 +28,10 @@ from fibecfed.data.partition import partition_task
 from fibecfed.data.types import TaskData
 from fibecfed.encoding import encode_dataset
 from fibecfed.errors import ConfigError
+from fibecfed.evaluation import classification_metrics
 from fibecfed.federated import (
     CurriculumSettings,
+    ProbeSettings,
     SparseSettings,
     device_layer_scores,
     DeviceState,
@@ -164,8 +166,12 @@ def curriculum_settings(config: RunConfig) -> CurriculumSettings | None:
         class_balanced=c.class_balanced,
         score_wrt=c.score_wrt,
         normalize_by_length=c.normalize_by_length,
+        score_at=c.score_at,
+        score_samples=c.score_samples,
+        online_refresh=bool(c.online_refresh),
         rescore_every=c.rescore_every,
         score_batch_size=c.score_batch_size,
+        scale_steps=c.scale_steps,
         total_rounds=config.federation.rounds,
     )
 
@@ -181,7 +187,14 @@ def sparse_settings(config: RunConfig) -> SparseSettings | None:
         fisher_source=sp.fisher_source,
         fisher_samples=sp.fisher_samples,
         batch_size=config.method.curriculum.score_batch_size,
+        every=sp.every,
+        lora_a_importance=sp.lora_a_importance,
     )
+
+
+def probe_settings(config: RunConfig) -> ProbeSettings:
+    layers = config.method.layers
+    return ProbeSettings(probe_samples=layers.probe_samples, noise_scale=layers.noise_scale, measure=layers.measure)
 
 
 def sample_devices(seed: int, round_num: int, num_devices: int, per_round: int) -> list[int]:
@@ -201,6 +214,45 @@ def _same_config(saved: dict[str, Any], current: dict[str, Any]) -> bool:
         elif value != current[key]:
             return False
     return True
+
+
+# Layer-selection policies that rank the layers by the devices' sensitivity probes.
+_PROBED = ("sensitivity", "reverse")
+
+
+def personalized_metrics(
+    runner: ModelRunner,
+    test: Any,
+    device_indices: list[list[int]],
+    global_state: dict[str, torch.Tensor],
+    personal: dict[int, dict[str, torch.Tensor]],
+    batch_size: int,
+    num_classes: int,
+) -> dict[str, float]:
+    """Every device's own model (its personal entries over the global state) on its own test
+    indices, the predictions of all devices pooled into one accuracy / f1 / mcc.
+
+    A device that never trained, or a method without personal state, uses the global model:
+    those devices are evaluated together in one pass.
+    """
+    shared = [i for d, part in enumerate(device_indices) if not personal.get(d) for i in part]
+    preds, labels = [], []
+    runner.load_state(global_state)
+    if shared:
+        preds.append(runner.predictions(test, shared, batch_size))
+        labels.append(test.labels[shared])
+    for device, state in sorted(personal.items()):
+        part = device_indices[device]
+        if not state or not part:
+            continue
+        runner.load_state(global_state)
+        runner.load_state(state, strict=False)
+        preds.append(runner.predictions(test, part, batch_size))
+        labels.append(test.labels[part])
+    runner.load_state(global_state)
+    if not preds:
+        return {"accuracy": None, "f1": None, "mcc": None}
+    return classification_metrics(torch.cat(preds), torch.as_tensor(torch.cat([torch.as_tensor(x) for x in labels])), num_classes)
 
 
 def _weighted_mean(values: list[tuple[float, int]]) -> float | None:
@@ -240,25 +292,27 @@ class Simulation:
         sparse = sparse_settings(cfg)
         num_classes = len(prepared.task.label_names)
         num_devices = len(prepared.train_parts)
+        # The model as loaded: the run's initial global state (the initialisation phase scores with it).
+        initial_state = runner.state()
 
         if checkpoint is not None:
             start_round = checkpoint["round"] + 1
             global_state = checkpoint["global_state"]
             device_states = {int(k): DeviceState(**v) for k, v in checkpoint["device_states"].items()}
             history = checkpoint["history"]
-            totals = checkpoint["totals"]
+            totals = {"compute_time_s": 0.0, **checkpoint["totals"]}
             server = checkpoint["server"]
             logger.info("resuming %s after round %d", self.out, checkpoint["round"])
         else:
             start_round = 1
-            global_state = runner.state()
+            global_state = dict(initial_state)
             device_states = {}
             history = []
-            totals = {"wall_time_s": 0.0, "sim_time_s": 0.0, "upload_bytes": 0, "download_bytes": 0, "bytes_saved": 0}
-            # Server-side method state: the global aggregation layers and when they were chosen.
+            totals = {"wall_time_s": 0.0, "sim_time_s": 0.0, "compute_time_s": 0.0, "upload_bytes": 0, "download_bytes": 0, "bytes_saved": 0}
+            # Server-side method state: the global aggregation layers and from which round they hold.
             server = {"layers": None, "layers_round": None, "layer_scores": None}
             # Round 0: the starting point (the curve's first point, and the majority-rate check).
-            history.append(self._round0_row(prepared, global_state, num_classes))
+            history.append(self._round0_row(prepared, global_state, device_states, num_classes))
         outputs.write_metrics(self.out / "metrics.jsonl", history)
 
         bar = None
@@ -277,7 +331,13 @@ class Simulation:
             extra_upload = {d: 0 for d in sampled}
             if self._layers_due(server, round_num):
                 self._select_layers(prepared, global_state, sampled, round_num, server, extra_seconds, extra_upload)
-            exchanged = runner.keys if server["layers"] is None else aggregation_keys(runner.keys, server["layers"])
+            warmup = self._warming_up(server)
+            if warmup:
+                # Before the first choice only the keys outside the layers travel (method.layers.select_after).
+                exchanged = aggregation_keys(runner.keys, [])
+            else:
+                exchanged = runner.keys if server["layers"] is None else aggregation_keys(runner.keys, server["layers"])
+            probe = probe_settings(cfg) if self._probe_due(server, round_num) else None
             full_bytes = serialized_nbytes(global_state)
             download = serialized_nbytes({k: global_state[k] for k in exchanged})
             for device in sampled:
@@ -301,54 +361,73 @@ class Simulation:
                         exchanged_keys=exchanged,
                         clock=self._compute_clock(prepared),
                         curriculum=curriculum,
-                        sparse=sparse,
+                        # Warm-up rounds train every layer densely: no aggregation layers yet.
+                        sparse=None if warmup else sparse,
+                        initial_state=initial_state,
+                        probe=probe,
                     )
                 except NonFiniteLossError as exc:
                     logger.warning("device %d failed in round %d (%s); it is left out of this round", device, round_num, exc)
                     device_states[device] = backup
                     failed.append(device)
                     continue
+                if update.layer_scores is not None:
+                    extra_upload[device] += serialized_nbytes({"layer_scores": update.layer_scores})
                 updates.append(update)
             good, dropped = valid_updates(updates)
             for device in dropped:
                 # A device whose update had NaN/inf keeps the state it had before this round.
                 device_states[device] = backups[device]
             global_state = aggregate_updates(global_state, [u.state for u in good], [u.num_samples for u in good])
+            if probe is not None:
+                self._choose_from_probes(good, round_num, server)
 
-            upload_sizes = [serialized_nbytes(u.state) + extra_upload[u.device] for u in updates]
-            download_sizes = [download] * (len(updates) + len(failed))
+            # Per device: [compute s, download bytes, upload bytes, initialisation-phase s]. The
+            # initialisation phase ran in the background from the start: it delays the device's
+            # first round only by the part that did not fit in the time before it.
+            costs = [
+                [u.compute_seconds + extra_seconds[u.device], download, serialized_nbytes(u.state) + extra_upload[u.device], u.background_seconds]
+                for u in updates
+            ]
             sim_round = simulated_round_seconds(
-                [u.compute_seconds + extra_seconds[u.device] for u in updates],
-                download_sizes[: len(updates)],
-                upload_sizes,
+                [c + max(0.0, bg - totals["sim_time_s"]) for c, _, _, bg in costs],
+                [d for _, d, _, _ in costs],
+                [u for _, _, u, _ in costs],
                 cfg.federation.bandwidth_mbps,
             )
+            compute_round = max((c + max(0.0, bg - totals["compute_time_s"]) for c, _, _, bg in costs), default=0.0)
+            upload_sizes = [u for _, _, u, _ in costs]
+            download_sizes = [download] * (len(updates) + len(failed))
             totals["upload_bytes"] += sum(upload_sizes)
             totals["download_bytes"] += sum(download_sizes)
             totals["sim_time_s"] += sim_round
+            totals["compute_time_s"] += compute_round
             # What FedAvg would have sent for the same devices: the full adapter both ways.
             totals["bytes_saved"] += 2 * full_bytes * len(updates) - sum(upload_sizes) - download * len(updates)
 
             row: dict[str, Any] = {"round": round_num, "devices": sampled}
             if round_num % cfg.federation.eval_every == 0 or round_num == cfg.federation.rounds:
-                runner.load_state(global_state)
-                central = runner.evaluate(prepared.test, prepared.eval_indices, settings.eval_batch_size, num_classes)
-                row.update({"accuracy": central["accuracy"], "f1": central["f1"], "mcc": central["mcc"], "test_loss": central["loss"]})
+                row.update(self._evaluate(prepared, global_state, device_states, num_classes))
             else:
-                row.update({"accuracy": None})
+                row.update({"accuracy": None, "personalized_accuracy": None})
             personal = [(u.personalized, u.personalized_count) for u in good if u.personalized]
-            row["personalized_accuracy"] = _weighted_mean([(p["accuracy"], n) for p, n in personal])
+            row["sampled_personalized_accuracy"] = _weighted_mean([(p["accuracy"], n) for p, n in personal])
             row["loss"] = _weighted_mean([(u.loss, u.num_samples) for u in good])
             row["failed_devices"] = sorted(failed + dropped)
             row["curriculum_fraction"] = _weighted_mean([(u.curriculum_fraction, u.num_samples) for u in updates])
-            row["aggregated_layers"] = server["layers"]
+            row["aggregated_layers"] = None if warmup else server["layers"]
+            if probe is not None:
+                row["layer_scores"] = server["layer_scores"]
+            row["trained_personal"] = sum(u.trained_personal for u in updates)
             row["bytes_saved_vs_fedavg"] = totals["bytes_saved"]
             row["scoring_seconds"] = round(sum(u.scoring_seconds for u in updates), 3)
+            row["device_costs"] = [[round(c, 4), d, u, round(bg, 4)] for c, d, u, bg in costs]
             totals["wall_time_s"] += time.perf_counter() - started
             row.update(
                 {
                     "wall_time_s": round(totals["wall_time_s"], 3),
                     "sim_time_s": round(totals["sim_time_s"], 3),
+                    "compute_time_s": round(totals["compute_time_s"], 3),
                     "upload_bytes": totals["upload_bytes"],
                     "download_bytes": totals["download_bytes"],
                     "round_upload_bytes": sum(upload_sizes),
@@ -372,20 +451,70 @@ class Simulation:
                 recent = [r["accuracy"] for r in history if r["round"] > 0 and r.get("accuracy") is not None][-3:]
                 if row.get("accuracy") is not None:
                     # Under non-IID data one round's accuracy swings; the mean of the last 3 shows the trend.
-                    bar.set_postfix(acc=f"{row['accuracy']:.3f}", avg3=f"{sum(recent) / len(recent):.3f}", refresh=False)
+                    postfix = {"acc": f"{row['accuracy']:.3f}", "avg3": f"{sum(recent) / len(recent):.3f}"}
+                    if row.get("personalized_accuracy") is not None:
+                        postfix["pers"] = f"{row['personalized_accuracy']:.3f}"
+                    bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
         if bar is not None:
             bar.close()
 
-        return self._finish(prepared, global_state, history, device_states)
+        return self._finish(prepared, global_state, history)
+
+    def _evaluate(
+        self, prepared: Prepared, global_state: dict, device_states: dict[int, DeviceState], num_classes: int
+    ) -> dict[str, Any]:
+        """The global model on the central test subset, and every device's own model on its own
+        test part, predictions pooled (the lineage's personalised score)."""
+        runner = prepared.runner
+        runner.load_state(global_state)
+        central = runner.evaluate(prepared.test, prepared.eval_indices, self.config.train.eval_batch_size, num_classes)
+        row = {"accuracy": central["accuracy"], "f1": central["f1"], "mcc": central["mcc"], "test_loss": central["loss"]}
+        if self.config.federation.personalized_eval:
+            pooled = personalized_metrics(runner, prepared.test, prepared.device_eval_indices, global_state,
+                                          {d: s.personal for d, s in device_states.items()}, self.config.train.eval_batch_size, num_classes)
+            row.update({f"personalized_{k}": v for k, v in pooled.items()})
+        else:
+            row["personalized_accuracy"] = None
+        return row
+
+    def _warming_up(self, server: dict[str, Any]) -> bool:
+        layers = self.config.method.layers
+        return layers.enabled and layers.select_after > 0 and server["layers"] is None and layers.policy in _PROBED
+
+    def _probe_due(self, server: dict[str, Any], round_num: int) -> bool:
+        """Whether the sampled devices probe their trained models at the end of this round."""
+        layers = self.config.method.layers
+        if not layers.enabled or layers.policy not in _PROBED or layers.select_after == 0:
+            return False
+        if server["layers"] is None:
+            return round_num >= layers.select_after
+        # The layers chosen hold from layers_round on; refresh after refresh_every rounds of them.
+        return layers.refresh_every > 0 and round_num - server["layers_round"] + 1 >= layers.refresh_every
+
+    def _choose_from_probes(self, updates: list[DeviceUpdate], round_num: int, server: dict[str, Any]) -> None:
+        """The server's choice for the next rounds, from the devices' trained-model sensitivities
+        averaged by data size (method.md Part 2: top share of the layers)."""
+        probed = [u for u in updates if u.layer_scores is not None]
+        if not probed:
+            logger.warning("round %d: no device returned layer scores; the aggregation layers stay as they are", round_num)
+            return
+        cfg = self.config.method.layers
+        combined = combine_layer_scores([u.layer_scores for u in probed], [u.num_samples for u in probed])
+        server["layers"] = select_aggregation_layers(combined, cfg.share, cfg.policy)
+        server["layers_round"] = round_num + 1
+        server["layer_scores"] = [round(float(x), 6) for x in combined]
+        logger.info("after round %d: aggregation layers %s (scores %s)", round_num, server["layers"], server["layer_scores"])
 
     def _compute_clock(self, prepared: Prepared) -> Callable[[], float]:
         """The clock for devices' simulated compute seconds (federation.compute_clock)."""
         return compute_clock(self.config.federation.compute_clock, prepared.runner.loaded.device)
 
     def _layers_due(self, server: dict[str, Any], round_num: int) -> bool:
+        """Whether the server chooses the layers before this round: policies without scores, or a
+        probe of the global model (method.layers.select_after=0)."""
         layers = self.config.method.layers
-        if not layers.enabled:
+        if not layers.enabled or (layers.policy in _PROBED and layers.select_after > 0):
             return False
         if server["layers"] is None:
             return True
@@ -429,54 +558,31 @@ class Simulation:
         server["layer_scores"] = [round(float(x), 6) for x in combined]
         logger.info("round %d: aggregation layers %s (scores %s)", round_num, server["layers"], server["layer_scores"])
 
-    def _round0_row(self, prepared: Prepared, global_state: dict, num_classes: int) -> dict[str, Any]:
-        runner = prepared.runner
-        runner.load_state(global_state)
-        central = runner.evaluate(prepared.test, prepared.eval_indices, self.config.train.eval_batch_size, num_classes)
+    def _round0_row(
+        self, prepared: Prepared, global_state: dict, device_states: dict[int, DeviceState], num_classes: int
+    ) -> dict[str, Any]:
         return {
             "round": 0,
             "devices": [],
-            "accuracy": central["accuracy"],
-            "f1": central["f1"],
-            "mcc": central["mcc"],
-            "test_loss": central["loss"],
-            "personalized_accuracy": None,
+            **self._evaluate(prepared, global_state, device_states, num_classes),
+            "sampled_personalized_accuracy": None,
             "loss": None,
             "failed_devices": [],
             "wall_time_s": 0.0,
             "sim_time_s": 0.0,
+            "compute_time_s": 0.0,
             "upload_bytes": 0,
             "download_bytes": 0,
             "round_upload_bytes": 0,
+            "device_costs": [],
             "curriculum_fraction": None,
             "aggregated_layers": None,
             "bytes_saved_vs_fedavg": 0,
             "scoring_seconds": 0.0,
         }
 
-    def _device_models_accuracy(self, prepared: Prepared, global_state: dict, device_states: dict[int, DeviceState]) -> float | None:
-        """Every device that took part, as it would serve: the global state plus its own personal
-        (non-aggregated) entries, on its own test part; weighted by test size. For FedAvg this is
-        the global model on each device's data."""
+    def _finish(self, prepared: Prepared, global_state: dict, history: list[dict[str, Any]]) -> dict[str, Any]:
         runner = prepared.runner
-        num_classes = len(prepared.task.label_names)
-        scores = []
-        for device, state in sorted(device_states.items()):
-            indices = prepared.device_eval_indices[device]
-            if not indices:
-                continue
-            runner.load_state(global_state)
-            if state.personal:
-                runner.load_state(state.personal, strict=False)
-            metrics = runner.evaluate(prepared.test, indices, self.config.train.eval_batch_size, num_classes)
-            scores.append((metrics["accuracy"], len(indices)))
-        return _weighted_mean(scores)
-
-    def _finish(
-        self, prepared: Prepared, global_state: dict, history: list[dict[str, Any]], device_states: dict[int, DeviceState]
-    ) -> dict[str, Any]:
-        runner = prepared.runner
-        device_models = self._device_models_accuracy(prepared, global_state, device_states)
         runner.load_state(global_state)
         adapter_dir = self.out / "adapter"
         # peft's own format: PeftModel.from_pretrained(base_model, adapter_dir) loads it.
@@ -500,10 +606,12 @@ class Simulation:
             "final_f1": evaluated[-1].get("f1") if evaluated else None,
             "final_mcc": evaluated[-1].get("mcc") if evaluated else None,
             "headline_metric": prepared.task.metric,
-            "final_personalized_accuracy": last.get("personalized_accuracy"),
-            "final_device_models_accuracy": device_models,
+            # Every device's own model on its own test part, pooled, at the last evaluation.
+            "final_personalized_accuracy": evaluated[-1].get("personalized_accuracy") if evaluated else None,
+            "final_sampled_personalized_accuracy": last.get("sampled_personalized_accuracy"),
             "wall_time_s": last["wall_time_s"],
             "sim_time_s": last["sim_time_s"],
+            "compute_time_s": last.get("compute_time_s"),
             "upload_bytes": last["upload_bytes"],
             "download_bytes": last["download_bytes"],
             "trainable_parameters": sum(v.numel() for v in global_state.values()),

@@ -78,46 +78,76 @@ def local_train(
     prox_mu: float = 0.0,
     prox_anchor: Mapping[str, torch.Tensor] | None = None,
     update_masks: Mapping[str, torch.Tensor] | None = None,
+    frozen_keys: Iterable[str] = (),
+    masks_after_first_backward: Callable[[], Mapping[str, torch.Tensor]] | None = None,
 ) -> LocalResult:
     """Train `params` in place with AdamW over `batches`; return the mean loss.
 
     prox_mu > 0 adds FedProx's (mu/2)·||w - w_anchor||² over the parameters in `prox_anchor`.
     `update_masks[key]` (bool, the parameter's shape) lets only True entries change: their
-    gradients are zeroed elsewhere (so AdamW's moments stay zero there) and the masked entries are
-    restored after each step (so weight decay cannot move them either). A parameter whose mask is
-    all False is left out of the optimiser.
+    gradients are zeroed elsewhere, so AdamW's moments stay exactly zero there and its step is
+    exactly zero; with weight decay, which would still shrink them, the masked entries are also
+    restored after each step.
+
+    Compute is saved where a parameter does not train at all: `frozen_keys`, and any parameter
+    whose mask is all False, get requires_grad=False for the loop (restored afterwards). The
+    backbone is frozen, so autograd then stops at the lowest layer that still has a trainable
+    parameter: no backward through the layers below it (the FLOP saving of a sparse update).
+    `masks_after_first_backward`, when no `update_masks` are given, is called once after the
+    first backward pass (e.g. to build masks from that step's Fisher) and its masks apply from
+    that first step on.
     """
+    frozen = set(frozen_keys)
     masks = dict(update_masks or {})
-    frozen = {k for k, m in masks.items() if not bool(m.any())}
+    frozen |= {k for k, m in masks.items() if not bool(m.any())}
     trainable = {k: p for k, p in params.items() if k not in frozen}
     optimizer = torch.optim.AdamW(_param_groups(trainable, lr, head_lr, weight_decay))
-    # The mask lives on the parameter's device; ~mask marks what must stay as it was.
-    keep = {k: ~masks[k].to(p.device) for k, p in trainable.items() if k in masks}
     anchor = {k: v.to(params[k].device) for k, v in (prox_anchor or {}).items()} if prox_mu > 0 else {}
+    was_trainable = {k: p.requires_grad for k, p in params.items()}
 
+    def keep_masks(current: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # The mask lives on the parameter's device; ~mask marks what must stay as it was.
+        return {k: ~current[k].to(p.device) for k, p in trainable.items() if k in current}
+
+    keep = keep_masks(masks)
     total_loss, steps, samples = 0.0, 0, 0
-    for batch in batches:
-        loss = loss_fn(batch)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"loss became {loss.item()} at local step {steps}")
-        objective = loss
-        if anchor:
-            prox = sum(((trainable[k] - a) ** 2).sum() for k, a in anchor.items() if k in trainable)
-            objective = loss + 0.5 * prox_mu * prox
-        optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        for key, keep_mask in keep.items():
-            grad = trainable[key].grad
-            if grad is not None:
-                grad.masked_fill_(keep_mask, 0.0)
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(list(trainable.values()), max_grad_norm)
-        before = {k: trainable[k].detach().clone() for k in keep}
-        optimizer.step()
-        with torch.no_grad():
+    try:
+        for key, param in params.items():
+            param.requires_grad_(key in trainable)
+        for batch in batches:
+            loss = loss_fn(batch)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"loss became {loss.item()} at local step {steps}")
+            objective = loss
+            if anchor:
+                prox = sum(((trainable[k] - a) ** 2).sum() for k, a in anchor.items() if k in trainable)
+                objective = loss + 0.5 * prox_mu * prox
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            if steps == 0 and masks_after_first_backward is not None and not masks:
+                masks = dict(masks_after_first_backward())
+                keep = keep_masks(masks)
+                for key, mask in masks.items():
+                    if key in trainable and not bool(mask.any()):
+                        # From the next step on, no backward into it (its grad is zeroed now).
+                        trainable[key].requires_grad_(False)
             for key, keep_mask in keep.items():
-                trainable[key].copy_(torch.where(keep_mask, before[key], trainable[key]))
-        total_loss += float(loss.detach())
-        steps += 1
-        samples += int(batch["labels"].shape[0])
+                grad = trainable[key].grad
+                if grad is not None:
+                    grad.masked_fill_(keep_mask, 0.0)
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in trainable.values() if p.grad is not None], max_grad_norm)
+            restore = weight_decay > 0 and keep
+            before = {k: trainable[k].detach().clone() for k in keep} if restore else {}
+            optimizer.step()
+            if restore:
+                with torch.no_grad():
+                    for key, keep_mask in keep.items():
+                        trainable[key].copy_(torch.where(keep_mask, before[key], trainable[key]))
+            total_loss += float(loss.detach())
+            steps += 1
+            samples += int(batch["labels"].shape[0])
+    finally:
+        for key, param in params.items():
+            param.requires_grad_(was_trainable[key])
     return LocalResult(mean_loss=total_loss / max(steps, 1), steps=steps, samples=samples)

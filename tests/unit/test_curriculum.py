@@ -104,8 +104,6 @@ def test_curriculum_pool_rejects_bad_input():
         curriculum_pool([1, 2], [0.5], 0.5)
     with pytest.raises(ValueError):
         curriculum_pool([1, 2], [0.5, 0.1], 0.0)
-    with pytest.raises(ValueError):
-        curriculum_pool([1, 2], [0.5, float("nan")], 0.5)
     with pytest.raises(ValueError, match="easy_first"):
         curriculum_pool([1, 2], [0.5, 0.1], 0.5, order="middle")
 
@@ -120,3 +118,16 @@ def test_class_balanced_pool_takes_the_easiest_share_of_each_class():
     assert class_balanced_pool(indices, scores, labels, 1 / 3) == [10, 13]
     assert class_balanced_pool(indices, scores, labels, 1 / 3, order="hard_first") == [12, 15]
     assert sorted(class_balanced_pool(indices, scores, labels, 1.0)) == indices
+
+
+def test_unscored_samples_rank_after_the_scored_ones():
+    nan = float("nan")
+    indices = [10, 11, 12, 13, 14]
+    scores = [0.5, nan, 0.1, nan, 0.9]
+    # scored ranking easy-first: 12 (0.1), 10 (0.5), 14 (0.9); then unscored 11, 13 by index
+    assert curriculum_pool(indices, scores, 0.4) == [12, 10]
+    assert curriculum_pool(indices, scores, 0.8) == [12, 10, 14, 11]
+    assert curriculum_pool(indices, scores, 0.8, order="hard_first") == [14, 10, 12, 11]
+    # with an rng the unscored tail is shuffled, never ahead of a scored sample
+    pool = curriculum_pool(indices, scores, 1.0, rng=np.random.default_rng(3))
+    assert pool[:3] == [12, 10, 14] and sorted(pool[3:]) == [11, 13]

@@ -263,3 +263,84 @@ def test_fisher_accumulated_during_training_equals_per_sample_fisher():
     for key in subset:
         torch.testing.assert_close(got[key], expected[key] / 8, rtol=1e-4, atol=1e-8)
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_head_fisher_trace_by_hand():
+    from fibecfed.fisher import head_fisher_trace
+
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])  # p = (1/2, 1/2) and (3/4, 1/4)
+    features = torch.tensor([[1.0, 2.0], [0.0, 3.0]])  # ||h||² = 5 and 9
+    labels = torch.tensor([0, 0])
+    # ||p - e_y||²: (1/4 + 1/4) = 1/2 and (1/16 + 1/16) = 1/8
+    expected_bias = torch.tensor([0.5 * 6.0, 0.125 * 10.0])
+    expected_plain = torch.tensor([0.5 * 5.0, 0.125 * 9.0])
+    assert torch.allclose(head_fisher_trace(logits, features, labels, True), expected_bias)
+    assert torch.allclose(head_fisher_trace(logits, features, labels, False), expected_plain)
+
+
+def test_head_score_equals_the_classifier_heads_fisher_trace_by_autograd():
+    model = tiny_bert()
+    model.eval()
+    batch = random_batch()
+    params = trainable_parameters(model)
+    head = {k: p for k, p in params.items() if not is_lora_key(k)}  # classifier weight and bias
+    assert set(head) == {"base_model.model.classifier.weight", "base_model.model.classifier.bias"}
+    logits_fn = lambda b: class_logits(model, b, "classifier")  # noqa: E731
+    reference = sum(g.flatten(1).pow(2).sum(1) for g in per_sample_gradients_reference(head, logits_fn, batch).values())
+    from fibecfed.heads import class_logits_and_features
+
+    head_fn = lambda b: class_logits_and_features(model, b, "classifier")  # noqa: E731
+    scores = difficulty_scores(model, params, logits_fn, batch, wrt="head", head_fn=head_fn)
+    assert torch.allclose(scores, reference, rtol=1e-4, atol=1e-7)
+    # The class scores alone ("logits") miss the factor ||h||² + 1.
+    logit_only = difficulty_scores(model, params, logits_fn, batch, wrt="logits")
+    assert not torch.allclose(logit_only, reference, rtol=1e-2)
+
+
+@pytest.mark.parametrize("head", ["verbalizer", "classifier"])
+def test_head_score_matches_autograd_on_a_decoder(head):
+    """The verbalizer's head is the label words' rows of the LM head (no bias); Llama's
+    classification `score` runs on every token and pools the last real one."""
+    from fibecfed.heads import class_logits_and_features
+
+    if head == "verbalizer":
+        model = tiny_llama()
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import LlamaConfig, LlamaForSequenceClassification
+
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=1, intermediate_size=32, max_position_embeddings=64,
+                             pad_token_id=0, num_labels=3)
+        model = get_peft_model(LlamaForSequenceClassification(config),
+                               LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["q_proj"]))
+    model.eval()
+    batch = random_batch()
+    batch["input_ids"][batch["attention_mask"] == 0] = 0  # right padding with the pad token
+    out = class_logits_and_features(model, batch, head, LABEL_WORDS)
+    assert torch.allclose(out.logits, class_logits(model, batch, head, LABEL_WORDS))
+    # Autograd: the per-sample gradient of each sample's loss w.r.t. a trainable copy of the
+    # head's weight (and bias), evaluated on the features the function reports.
+    if head == "verbalizer":
+        weight = model.get_base_model().get_output_embeddings().weight[LABEL_WORDS].detach().clone()
+        bias = None
+    else:
+        score = model.base_model.model.score
+        if hasattr(score, "modules_to_save"):  # peft's wrapper around a trained head
+            score = score.modules_to_save["default"]
+        weight, bias = score.weight.detach().clone(), None if score.bias is None else score.bias.detach().clone()
+    assert out.has_bias == (bias is not None)
+    expected = []
+    for i in range(batch["labels"].shape[0]):
+        w = weight.clone().requires_grad_(True)
+        z = out.features[i].detach() @ w.T
+        loss = F.cross_entropy(z[None], batch["labels"][i : i + 1])
+        (g,) = torch.autograd.grad(loss, [w])
+        expected.append(g.pow(2).sum())
+        # The features really are what the head saw: the same logits.
+        assert torch.allclose(z, out.logits[i], atol=1e-5)
+    from fibecfed.fisher import head_fisher_trace
+
+    got = head_fisher_trace(out.logits, out.features, batch["labels"], out.has_bias)
+    assert torch.allclose(got, torch.stack(expected), rtol=1e-4, atol=1e-7)

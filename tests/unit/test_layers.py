@@ -222,3 +222,33 @@ def test_aggregation_keys_rejects_unknown_layers():
     keys = list(trainable_parameters(tiny_bert(layers=4)))
     with pytest.raises(ValueError, match=r"\[5\]"):
         aggregation_keys(keys, [1, 5])
+
+
+def test_a_probe_on_trained_adapters_changes_the_choice():
+    """Defect 1 of the old default: probed in round 1, every LoRA B is zero, so the probe sees the
+    bare backbone. Adapters that make layer 2 amplify perturbations (as trained ones may) move
+    the most sensitive layer there; a probe of the untrained adapters cannot see that."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=32, max_position_embeddings=64, pad_token_id=0)
+    # r = 16 = hidden size: an adapter can express any change of q_proj / o_proj.
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=16,
+                                                                target_modules=["q_proj", "k_proj", "o_proj"]))
+    batch = random_batch(8, 10)
+    untrained = layer_sensitivity(model, batch, generator=seeded(), measure="gain")
+    before = select_aggregation_layers(untrained, 0.25, "sensitivity")
+    target = 2 if before != [2] else 1
+    # "Training": B·A·(alpha/r) = (c-1)·W, i.e. the adapted map is c·W (as in sharpened_llama:
+    # a sharper attention softmax and a dominant attention branch in that one layer).
+    attention = transformer_layers(model)[target].self_attn
+    with torch.no_grad():
+        for name, factor in (("q_proj", 30.0), ("k_proj", 30.0), ("o_proj", 10.0)):
+            module = getattr(attention, name)
+            module.lora_A["default"].weight.copy_(torch.eye(16))
+            module.lora_B["default"].weight.copy_((factor - 1.0) * module.base_layer.weight)
+    trained = layer_sensitivity(model, batch, generator=seeded(), measure="gain")
+    after = select_aggregation_layers(trained, 0.25, "sensitivity")
+    assert after == [target] and before != after

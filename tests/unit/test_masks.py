@@ -96,3 +96,52 @@ def test_neuron_masks_rejects_mismatches():
         neuron_masks({"w": torch.ones(3)}, {"w": torch.Size([2, 2])}, share=0.5)
     with pytest.raises(ValueError, match="share"):
         neuron_masks({"w": torch.ones(2)}, {"w": torch.Size([2, 2])}, share=1.5)
+
+
+def test_rank_importance_by_hand():
+    from fibecfed.masks import rank_importance
+
+    fisher = {
+        "a.lora_A.weight": torch.zeros(2, 3),  # B = 0: A's own gradient is exactly zero
+        "a.lora_B.weight": torch.tensor([[1.0, 4.0], [0.0, 2.0], [3.0, 0.5]]),  # column sums 4.0, 6.5
+        "b.lora_A.weight": torch.tensor([[1.0, 1.0], [0.0, 0.0]]),  # no partner in the Fisher
+    }
+    importance = rank_importance(fisher, neuron_importance(fisher))
+    assert torch.equal(importance["a.lora_A.weight"], torch.tensor([4.0, 6.5]))
+    assert torch.equal(importance["a.lora_B.weight"], torch.tensor([5.0, 2.0, 3.5]))  # B rows unchanged
+    assert torch.equal(importance["b.lora_A.weight"], torch.tensor([2.0, 0.0]))
+
+
+def test_first_lora_a_mask_is_informative_not_row_zero():
+    """At a first participation B = 0, so A's Fisher is all zeros and ranking A's own rows keeps
+    row 0 by tie-break; the rank component's importance picks by B's columns instead."""
+    from fibecfed.federated import SparseSettings, masks_from_fisher
+    from fibecfed.fisher import FisherAccumulator
+    from fibecfed.heads import class_logits
+    from tests.conftest import random_batch
+
+    torch.manual_seed(0)
+    model = tiny_bert()
+    params = trainable_parameters(model)
+    lora = {k: p for k, p in params.items() if ".lora_" in k}
+    assert all(float(p.abs().sum()) == 0 for k, p in lora.items() if ".lora_B." in k)  # peft's B = 0
+    batch = random_batch(batch_size=8)
+    with FisherAccumulator(model, lora) as acc:
+        loss = torch.nn.functional.cross_entropy(class_logits(model, batch, "classifier"), batch["labels"])
+        loss.backward()
+    acc.samples = 8
+    fisher = acc.fisher()
+    a_keys = [k for k in lora if ".lora_A." in k]
+    assert all(float(fisher[k].abs().sum()) == 0 for k in a_keys)
+    shapes = {k: p.shape for k, p in lora.items()}
+    share = 0.5  # 1 of r = 2 rows
+    by_rows = masks_from_fisher(fisher, shapes, SparseSettings(share=share, lora_a_importance="rows"))
+    by_rank = masks_from_fisher(fisher, shapes, SparseSettings(share=share, lora_a_importance="rank"))
+    assert all(bool(by_rows[k][0].all()) and not bool(by_rows[k][1].any()) for k in a_keys)  # the tie-break
+    chosen = []
+    for key in a_keys:
+        b_columns = fisher[key.replace("lora_A", "lora_B")].sum(dim=0)  # (r,)
+        row = int(torch.argmax(by_rank[key][:, 0].int()))
+        assert row == int(torch.argmax(b_columns)), key
+        chosen.append(row)
+    assert 1 in chosen  # not row 0 everywhere

@@ -67,8 +67,16 @@ def test_fibecfed_with_every_switch_off_is_fedavg(tiny_encoder_dir, tmp_path):
 def test_fibecfed_exchanges_only_selected_layers(tiny_encoder_dir, tmp_path):
     _, fedavg_rows, fedavg_ck = _run(tiny_encoder_dir, tmp_path / "a", ["method=fedavg"], rounds=3)
     _, rows, ck = _run(tiny_encoder_dir, tmp_path / "b", ["method=fibecfed", "method.layers.share=0.5"], rounds=3)
-    layers = rows[1]["aggregated_layers"]
-    assert len(layers) == 2  # half of the 4 layers
+    # Round 1 is the warm-up (method.layers.select_after=1): only the head travels, every layer
+    # trains on the device, and the devices probe their trained models at its end.
+    assert rows[1]["aggregated_layers"] is None and rows[1]["layer_scores"] is not None
+    head_bytes = sum(c[2] for c in rows[1]["device_costs"])
+    assert head_bytes < 0.2 * fedavg_rows[1]["round_upload_bytes"]
+    layers = rows[2]["aggregated_layers"]
+    assert len(layers) == 2 and rows[3]["aggregated_layers"] == layers  # half of the 4 layers
+    # The server's choice is the top half of the scores it reports.
+    scores = rows[1]["layer_scores"]
+    assert layers == sorted(sorted(range(4), key=lambda i: -scores[i])[:2])
     # Keys of non-aggregated layers never change on the server.
     for key, value in ck["global_state"].items():
         layer = layer_of_key(key)
@@ -76,13 +84,17 @@ def test_fibecfed_exchanges_only_selected_layers(tiny_encoder_dir, tmp_path):
             assert torch.count_nonzero(value) == 0, key  # LoRA B starts at zero and was never aggregated
     # ... and stay on the devices, personalised.
     personal = [s["personal"] for s in ck["device_states"].values()]
-    assert all(personal) and all(layer_of_key(k) not in layers for p in personal for k in p)
-    # Each device keeps a Fisher momentum over exactly its personal LoRA entries.
-    for state in ck["device_states"].values():
-        assert set(state["extra"]["fisher"]) == set(state["personal"])
+    assert all(personal)
+    # A device that trained after the warm-up keeps a Fisher momentum over exactly the LoRA
+    # entries of the layers that are not aggregated.
+    local = {k for k in ck["global_state"] if layer_of_key(k) is not None and layer_of_key(k) not in layers}
+    after_warmup = {d for r in rows[2:] for d in r["devices"]}
+    for device, state in ck["device_states"].items():
         assert len(state["extra"]["scores"]) > 0
+        if device in after_warmup:
+            assert set(state["extra"]["fisher"]) == local
     # Uploads carry only the selected layers (+ head): fewer bytes than FedAvg, every round.
-    for a, b in zip(fedavg_rows[1:], rows[1:]):
+    for a, b in zip(fedavg_rows[2:], rows[2:]):
         assert b["round_upload_bytes"] < 0.7 * a["round_upload_bytes"]
     assert rows[-1]["bytes_saved_vs_fedavg"] > 0
     # The curriculum share follows the pacing function (every device uses the same g(t)).
@@ -162,7 +174,7 @@ def test_failed_device_keeps_its_previous_state(tiny_encoder_dir, tmp_path, monk
 @pytest.mark.parametrize("head", ["verbalizer", "classifier"])
 def test_decoder_heads_run_fibecfed(tiny_decoder_dir, tmp_path, head):
     _, rows, ck = _run(tiny_decoder_dir, tmp_path, ["method=fibecfed", "method.layers.share=0.5", f"model.head={head}"], rounds=2)
-    assert len(rows[1]["aggregated_layers"]) == 2
+    assert len(rows[2]["aggregated_layers"]) == 2
     keys = list(ck["global_state"])
     assert all(".layers." in k for k in keys if ".lora_" in k)
     has_head = any(k.endswith("score.weight") for k in keys)
@@ -177,14 +189,85 @@ def test_config_comparison_ignores_keys_a_run_predates():
     assert not _same_config({"a": 1, "gone": 0}, {"a": 1})
 
 
-@pytest.mark.parametrize("wrt", ["embeddings", "logits"])
+@pytest.mark.parametrize("wrt", ["embeddings", "logits", "head", "adapters"])
 def test_fibecfed_scores_difficulty_with_each_target(tiny_encoder_dir, tmp_path, wrt):
-    _, rows, ck = _run(tiny_encoder_dir, tmp_path, ["method=fibecfed", f"method.curriculum.score_wrt={wrt}"], rounds=2)
+    extra = ["method=fibecfed", f"method.curriculum.score_wrt={wrt}", "method.curriculum.score_at=first_participation",
+             "method.layers.select_after=0"]
+    _, rows, ck = _run(tiny_encoder_dir, tmp_path, extra, rounds=2)
     assert rows[1]["curriculum_fraction"] < 1.0 and rows[1]["scoring_seconds"] > 0
     trained = [s for s in ck["device_states"].values() if s["participations"]]
     assert trained
     for state in trained:
         scores = state["extra"]["scores"]
         assert scores.dim() == 1 and len(scores) > 0 and bool(scores.ge(0).all())
-        # Without a gradient pass to share, the first Fisher of the sparse update comes from a probe.
+        # The first Fisher of the sparse update comes from the scoring pass (adapters) or from
+        # the first training step (the others): no device trains personal layers without one.
         assert state["extra"]["fisher"]
+
+
+def test_personalized_evaluation_pools_every_devices_own_model(tiny_encoder_dir):
+    """Two devices with personal layers and one without: each is scored with its own model on its
+    own test indices, and the accuracy is of the pooled predictions (not a mean of means)."""
+    from fibecfed.evaluation import classification_metrics
+    from fibecfed.simulator import personalized_metrics, prepare
+
+    config = load_config(None, tiny_run_overrides(tiny_encoder_dir) + ["partition.num_devices=3"])
+    prepared = prepare(config)
+    runner, test = prepared.runner, prepared.test
+    global_state = runner.state()
+    generator = torch.Generator().manual_seed(1)
+    personal = {}
+    for device in (0, 2):  # device 1 never trained: it uses the global model
+        personal[device] = {
+            k: torch.randn(v.shape, generator=generator) for k, v in global_state.items() if layer_of_key(k) in (0, 1)
+        }
+    parts = [[0, 1, 2, 3, 4], [5, 6, 7], [8, 9]]
+    correct, total = 0, 0
+    preds_all, labels_all = [], []
+    for device, part in enumerate(parts):
+        runner.load_state(global_state)
+        if device in personal:
+            runner.load_state(personal[device], strict=False)
+        logits = runner.logits(runner.batch(test, part))
+        preds = logits.argmax(dim=-1)
+        labels = test.labels[part]
+        correct += int((preds == labels).sum())
+        total += len(part)
+        preds_all.append(preds)
+        labels_all.append(labels)
+    pooled = personalized_metrics(runner, test, parts, global_state, personal, 4, 3)
+    assert pooled["accuracy"] == pytest.approx(correct / total)
+    assert pooled == pytest.approx(classification_metrics(torch.cat(preds_all), torch.cat(labels_all), 3))
+    # The runner is left with the global state.
+    assert all(torch.equal(v, global_state[k]) for k, v in runner.state().items())
+
+
+def test_round_steps_follow_the_pool():
+    from fibecfed.federated import LocalTrainSettings, round_steps
+
+    steps = LocalTrainSettings(lr=1, head_lr=None, weight_decay=0, batch_size=16, local_steps=4, local_epochs=None,
+                               max_grad_norm=None, eval_batch_size=8)
+    epochs = LocalTrainSettings(lr=1, head_lr=None, weight_decay=0, batch_size=16, local_steps=None, local_epochs=1.0,
+                                max_grad_norm=None, eval_batch_size=8)
+    assert round_steps(100, 0.2, steps, scale_steps=True) == 1  # ceil(4 * 0.2)
+    assert round_steps(100, 0.6, steps, scale_steps=True) == 3  # ceil(2.4)
+    assert round_steps(100, 0.2, steps, scale_steps=False) == 4
+    assert round_steps(20, 0.2, epochs, scale_steps=True) == 2  # one epoch over a pool of 20: ceil(20/16)
+
+
+def test_background_scoring_delays_only_what_did_not_fit(tiny_encoder_dir, tmp_path):
+    """Init-phase scoring runs from the start of the run: a device first sampled later only adds
+    the part of it that was not done by then. The round's time is recomputed from its costs."""
+    from fibecfed.accounting import simulated_round_seconds
+
+    _, rows, _ = _run(tiny_encoder_dir, tmp_path, ["method=fibecfed", "federation.rounds=3"], rounds=3)
+    elapsed = 0.0
+    for row in rows[1:]:
+        costs = row["device_costs"]
+        assert len(costs) == len(row["devices"])
+        expected = simulated_round_seconds(
+            [c + max(0.0, bg - elapsed) for c, _, _, bg in costs], [d for _, d, _, _ in costs], [u for _, _, u, _ in costs], 10.0
+        )
+        assert row["sim_time_s"] == pytest.approx(elapsed + expected, abs=2e-3)
+        elapsed = row["sim_time_s"]
+    assert rows[1]["device_costs"][0][3] > 0  # round 1's devices scored in the initialisation phase

@@ -85,3 +85,68 @@ def test_nan_loss_raises():
 
     with pytest.raises(NonFiniteLossError):
         local_train(params, bad_loss, [random_batch()], lr=1e-2)
+
+
+def _masked_full_backward_reference(params, loss_fn, batches, lr, weight_decay, masks):
+    """The sparse update as first written: a full backward every step, gradients zeroed outside
+    the masks, AdamW over every parameter, masked entries restored after each step."""
+    optimizer = torch.optim.AdamW([{"params": list(params.values()), "lr": lr, "weight_decay": weight_decay}])
+    for batch in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(batch).backward()
+        for key, mask in masks.items():
+            params[key].grad.masked_fill_(~mask, 0.0)
+        before = {k: params[k].detach().clone() for k in masks}
+        optimizer.step()
+        with torch.no_grad():
+            for key, mask in masks.items():
+                params[key].copy_(torch.where(mask, params[key], before[key]))
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_flop_saving_update_leaves_the_same_weights_as_the_masked_full_backward(weight_decay):
+    """Frozen layers (all-False masks, or frozen_keys) get no backward at all, and with no weight
+    decay masked rows need no restore; the weights must come out as with the full backward."""
+    batches = [random_batch(seed=s) for s in range(4)]
+    layer = "base_model.model.bert.encoder.layer.{}.attention.self.{}.lora_{}.weight"
+    results = []
+    for use_reference in (True, False):
+        model = tiny_bert()
+        params = trainable_parameters(model)
+        masks = {}
+        for index in (0, 1):  # the two lowest layers do not train at all
+            for module in ("query", "value"):
+                for half in "AB":
+                    key = layer.format(index, module, half)
+                    masks[key] = torch.zeros_like(params[key], dtype=torch.bool)
+        partial = layer.format(3, "query", "B")
+        masks[partial] = torch.zeros_like(params[partial], dtype=torch.bool)
+        masks[partial][[1, 5, 7]] = True  # three rows of layer 3 train
+        if use_reference:
+            _masked_full_backward_reference(params, _loss_fn(model), batches, 1e-2, weight_decay, masks)
+        else:
+            local_train(params, _loss_fn(model), batches, lr=1e-2, weight_decay=weight_decay, update_masks=masks)
+        results.append(get_state(params))
+    reference, saving = results
+    for key in reference:
+        assert torch.allclose(reference[key], saving[key], atol=1e-6), key
+
+
+def test_frozen_lower_layers_get_no_backward():
+    from fibecfed.layers import transformer_layers
+
+    model = tiny_bert()
+    params = trainable_parameters(model)
+    needs_grad = {}
+    blocks = transformer_layers(model)
+    for index, block in enumerate(blocks):
+        block.register_forward_hook(lambda m, a, out, i=index: needs_grad.__setitem__(i, out[0].requires_grad if isinstance(out, tuple) else out.requires_grad))
+    frozen = [k for k in params if ".layer.0." in k or ".layer.1." in k]
+    before = get_state(params)
+    local_train(params, _loss_fn(model), [random_batch()], lr=1e-2, frozen_keys=frozen)
+    # Nothing in or below layers 0 and 1 trains: their outputs are not in the autograd graph,
+    # so the backward pass stops at layer 2.
+    assert needs_grad == {0: False, 1: False, 2: True, 3: True}
+    after = get_state(params)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert all(params[k].requires_grad for k in frozen)  # restored after the loop
