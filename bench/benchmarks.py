@@ -68,14 +68,16 @@ def _cell(entry: dict, key: str, digits: int = 3) -> str:
 
 
 def summary(out: Path, names: list[str] | None = None, fibecfed: str = "fibecfed") -> str:
-    """One line per dataset: final scores, and FibecFed's rounds, time and bytes against FedAvg's.
+    """One line per dataset and score (global, personalised): FibecFed against FedAvg.
 
-    Per-round ratios say what a round costs; to-target ratios (only when every seed of both
-    reached the target) add how many rounds it took.
+    Final scores (mean ± spread over seeds), rounds to the target, in how many seeds FibecFed got
+    there, and its time and bytes to the target over FedAvg's: simulated time at the run's link
+    speed, compute-only time (the lineage's), bytes. A ratio is over every seed when every seed of
+    both reached the target, else seed by seed (in brackets) where both did.
     """
     lines = [
-        "| dataset | metric | seeds | FedAvg final | FedProx final | FibecFed final | rounds to target, FedAvg / FibecFed "
-        "| FibecFed reached | time to target ratio | bytes to target ratio | time per round ratio | bytes per round ratio |",
+        "| dataset | score | metric | seeds | FedAvg final | FedProx final | FibecFed final | rounds to target, FedAvg / FibecFed "
+        "| FibecFed reached | sim. time ratio | compute-only time ratio | bytes ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     folders = [out / n for n in names] if names else sorted(p for p in out.iterdir() if p.is_dir())
@@ -87,26 +89,23 @@ def summary(out: Path, names: list[str] | None = None, fibecfed: str = "fibecfed
         avg, prox, fib = methods.get("fedavg", {}), methods.get("fedprox", {}), methods.get(fibecfed)
         if fib is None or not avg:
             continue
+        for score, prefix in (("global", ""), ("personalised", "personalized_")):
 
-        def ratio(key: str) -> str:
-            # The all-seeds ratio; else the seed-by-seed ones where both reached, in brackets.
-            value = fib.get(key + "_ratio")
-            if value is not None:
-                return f"{value:.2f}"
-            paired = fib.get(key + "_paired_ratios") or []
-            return "(" + ", ".join(f"{v:.2f}" for v in paired) + ")" if paired else "—"
+            def ratio(key: str) -> str:
+                value = fib.get(prefix + key + "_ratio")
+                if value is not None:
+                    return f"{value:.2f}"
+                paired = fib.get(prefix + key + "_paired_ratios") or []
+                return "(" + ", ".join(f"{v:.2f}" for v in paired) + ")" if paired else "—"
 
-        def per_round(key: str) -> str:
-            a, b = avg.get(key), fib.get(key)
-            return "—" if not a or b is None else f"{b / a:.2f}"
-
-        lines.append(
-            f"| {folder.name} | {data['metric']} | {len(data['seeds'])} | {_cell(avg, 'final_accuracy')} | "
-            f"{_cell(prox, 'final_accuracy') if prox else '—'} | {_cell(fib, 'final_accuracy')} | "
-            f"{_cell(avg, 'round_to_target', 1)} / {_cell(fib, 'round_to_target', 1)} | {fib['reached']}/{fib['seeds']} | "
-            f"{ratio('sim_time_to_target_s')} | {ratio('upload_bytes_to_target')} | "
-            f"{per_round('round_sim_s')} | {per_round('round_device_upload_bytes')} |"
-        )
+            final = prefix + "final_accuracy" if prefix else "final_accuracy"
+            reached = fib.get(prefix + "reached", fib.get("reached"))
+            lines.append(
+                f"| {folder.name} | {score} | {data['metric']} | {len(data['seeds'])} | {_cell(avg, final)} | "
+                f"{_cell(prox, final) if prox else '—'} | {_cell(fib, final)} | "
+                f"{_cell(avg, prefix + 'round_to_target', 1)} / {_cell(fib, prefix + 'round_to_target', 1)} | {reached}/{fib['seeds']} | "
+                f"{ratio('sim_time_to_target_s')} | {ratio('compute_time_to_target_s')} | {ratio('upload_bytes_to_target')} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -1,18 +1,19 @@
 """Where a device round's compute goes: FibecFed's pieces against FedAvg's local epoch.
 
-    python bench/profile_round.py --dataset sst2 [--devices 0,1,2] [--repeats 3]
+    python bench/profile_round.py --dataset sst2 [--devices 0,1,2] [--repeats 3] [key=value ...]
 
-Each piece runs on the same device's real data with the bench preset's model and settings, timed
-as process CPU time (the clock behind the simulated federated time), and the table gives the
-median over devices x repeats in seconds and as a share of FedAvg's round:
+Each piece runs on the same device's real data with the bench preset's model and settings (plus
+any overrides), timed as process CPU time (the clock behind the simulated federated time), and
+the table gives the median over devices x repeats in seconds and as a share of FedAvg's round:
 
-- fedavg round: one local epoch over all the device's data, every layer exchanged.
-- fibecfed first round: scoring every sample + a 20% pool epoch + Fisher collected on the way.
-- fibecfed later round: a 60% pool epoch (the middle of the pacing), Fisher collected, masks.
-- the same without the sparse update (its Fisher and masks): what those cost.
-- the same at 100% of the data: the round without the curriculum's saving.
-- difficulty scoring alone (per-sample gradients over adapters+head), and over the class scores.
-- the layer-sensitivity probe (once per run and device in round 1).
+- fedavg round: one local epoch over all the device's data, every layer exchanged and trained.
+- fibecfed rounds at 100% and 60% of the data, with the aggregation layers a warm-up round's
+  probe chose on the device's trained model: once with the non-aggregated layers training
+  sparsely (a participation where they train), once with them frozen (the other participations
+  with method.sparse.every > 1: the backward stops at the lowest aggregated layer); and the mean
+  over one cycle of `every` participations.
+- the initialisation-phase difficulty score (head Fisher, a forward pass; in the background),
+  the per-sample-gradient score over adapters + head, and the layer-sensitivity probe.
 """
 
 from __future__ import annotations
@@ -29,15 +30,15 @@ import torch
 
 from benchmarks import dataset_overrides  # bench/ is on the path when run as a script
 
-from fibecfed.adapters import layer_of_key
 from fibecfed.cli import quiet_libraries
 from fibecfed.config import load_config
 from fibecfed.curriculum import pacing_fraction
-from fibecfed.federated import DeviceState, device_layer_scores, device_round, difficulty_of_device
-from fibecfed.layers import aggregation_keys
-from fibecfed.simulator import curriculum_settings, prepare, sparse_settings, train_settings
+from fibecfed.federated import DeviceState, device_round, difficulty_of_device, probe_layers
+from fibecfed.layers import aggregation_keys, select_aggregation_layers
+from fibecfed.simulator import curriculum_settings, prepare, probe_settings, sparse_settings, train_settings
 
 REPO = Path(__file__).resolve().parents[1]
+FEDAVG = "fedavg round (all data, all layers)"
 
 
 def _round_at_fraction(fraction: float, start: float, full_at: float, rounds: int) -> int:
@@ -51,6 +52,7 @@ def _round_at_fraction(fraction: float, start: float, full_at: float, rounds: in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="sst2")
+    parser.add_argument("--config", default="bench")
     parser.add_argument("--devices", default="0,1,2")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "datasets")
@@ -58,16 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_libraries()
     torch.set_num_threads(1)
-    config = load_config("bench", [*dataset_overrides(args.dataset, args.shared), "method=fibecfed", *args.overrides])
+    config = load_config(args.config, [*dataset_overrides(args.dataset, args.shared), "method=fibecfed", *args.overrides])
     prepared = prepare(config)
     runner, train = prepared.runner, prepared.train
     settings = train_settings(config)
     curriculum = curriculum_settings(config)
     sparse = sparse_settings(config)
-    layers_cfg = config.method.layers
-    num_layers = 1 + max(n for n in map(layer_of_key, runner.keys) if n is not None)
-    keep = max(1, round(layers_cfg.share * num_layers))
-    global_state = runner.state()
+    every = sparse.every
+    initial = runner.state()
     later = _round_at_fraction(0.6, curriculum.start_fraction, curriculum.full_at, config.federation.rounds)
     full = config.federation.rounds
     clock = time.process_time
@@ -78,56 +78,72 @@ def main(argv: list[str] | None = None) -> int:
         return clock() - started
 
     pieces: dict[str, list[float]] = {}
+    chosen_layers = []
     for device in [int(d) for d in args.devices.split(",")]:
         idx = prepared.train_parts[device]
-        layer_scores, _ = device_layer_scores(
-            runner, train, idx, global_state, layers_cfg.probe_samples, layers_cfg.noise_scale, layers_cfg.measure,
-            config.seed, 1, device, clock=clock,
-        )
-        chosen = sorted(torch.argsort(layer_scores, descending=True)[:keep].tolist())
-        exchanged = aggregation_keys(runner.keys, chosen)
-        # A device state as after its first participation: scores and Fisher in place.
-        scored = DeviceState()
-        device_round(runner, device, 1, config.seed, global_state, scored, train, idx, settings,
-                     exchanged_keys=exchanged, curriculum=curriculum, sparse=sparse)
+        # The warm-up round (every layer trains locally, only the head travels), then the probe of
+        # the trained model picks this device's aggregation layers.
+        warm = DeviceState()
+        device_round(runner, device, 1, config.seed, initial, warm, train, idx, settings,
+                     exchanged_keys=aggregation_keys(runner.keys, []), curriculum=curriculum, initial_state=initial)
+        scores = probe_layers(runner, train, idx, probe_settings(config), config.seed, 1, device)
+        layers = select_aggregation_layers(scores, config.method.layers.share, config.method.layers.policy)
+        chosen_layers.append(layers)
+        exchanged = aggregation_keys(runner.keys, layers)
+        # A device state after one FibecFed participation: scores, Fisher and personal layers in place.
+        trained = copy.deepcopy(warm)
+        device_round(runner, device, 2, config.seed, initial, trained, train, idx, settings,
+                     exchanged_keys=exchanged, curriculum=curriculum, sparse=sparse, initial_state=initial)
+        sparse_on = dataclasses.replace(sparse, every=1)
+        sparse_off = dataclasses.replace(sparse, every=2)
+        odd = copy.deepcopy(trained)
+        odd.participations = 1  # with every=2: a participation where the personal layers stay frozen
+        even = copy.deepcopy(trained)
+        even.participations = 2
 
-        by_logits = dataclasses.replace(curriculum, score_wrt="logits")
-
-        def run(round_num, state, use_curriculum=True, use_sparse=True, keys=exchanged, cur=curriculum):
+        def run(round_num, state, sp, keys=exchanged, cur=curriculum):
             return lambda: device_round(
-                runner, device, round_num, config.seed, global_state, copy.deepcopy(state), train, idx, settings,
-                exchanged_keys=keys, curriculum=cur if use_curriculum else None,
-                sparse=sparse if use_sparse else None,
+                runner, device, round_num, config.seed, initial, copy.deepcopy(state), train, idx, settings,
+                exchanged_keys=keys, curriculum=cur, sparse=sp, initial_state=initial,
             )
 
+        by_adapters = dataclasses.replace(curriculum, score_wrt="adapters", score_samples=None)
+        by_head = dataclasses.replace(curriculum, score_wrt="head")
         cases = {
-            "fedavg round (all data, all layers)": run(later, DeviceState(), False, False, None),
-            "fibecfed first round (scoring + 20% pool)": run(1, DeviceState()),
-            "  same, difficulty over the class scores (+ a Fisher probe)": run(1, DeviceState(), cur=by_logits),
-            f"fibecfed later round (round {later}, 60% pool)": run(later, scored),
-            "  same, without the sparse update's Fisher and masks": run(later, scored, use_sparse=False),
-            f"  same, 100% pool (round {full})": run(full, scored),
-            "difficulty scoring alone (adapters + head)": lambda: difficulty_of_device(runner, train, idx, curriculum),
-            "difficulty scoring alone (class scores)": lambda: difficulty_of_device(runner, train, idx, by_logits),
-            "layer-sensitivity probe": lambda: device_layer_scores(
-                runner, train, idx, global_state, layers_cfg.probe_samples, layers_cfg.noise_scale, layers_cfg.measure,
-                config.seed, 1, device,
-            ),
+            FEDAVG: run(full, DeviceState(), None, None, None),
+            f"fibecfed round {full} (100% pool), personal layers train sparsely": run(full, even, sparse_on),
+            f"fibecfed round {full} (100% pool), personal layers frozen": run(full, odd, sparse_off),
+            f"fibecfed round {later} (60% pool), personal layers train sparsely": run(later, even, sparse_on),
+            f"fibecfed round {later} (60% pool), personal layers frozen": run(later, odd, sparse_off),
+            "initialisation-phase score (head Fisher, forward only; background)": lambda: difficulty_of_device(runner, train, idx, by_head, torch_rng()),
+            "difficulty score over adapters + head (per-sample gradients)": lambda: difficulty_of_device(runner, train, idx, by_adapters),
+            "layer-sensitivity probe": lambda: probe_layers(runner, train, idx, probe_settings(config), config.seed, 1, device),
         }
         for _ in range(args.repeats):
             for name, fn in cases.items():
                 pieces.setdefault(name, []).append(timed(fn))
-        print(f"device {device}: {len(idx)} samples", file=sys.stderr, flush=True)
+        print(f"device {device}: {len(idx)} samples, aggregation layers {layers}", file=sys.stderr, flush=True)
 
-    base = statistics.median(pieces["fedavg round (all data, all layers)"])
-    print(f"\n{args.dataset}, bench preset, process CPU seconds, median of {len(pieces[next(iter(pieces))])} "
-          f"(devices {args.devices} x {args.repeats} repeats), one torch thread\n")
+    base = statistics.median(pieces[FEDAVG])
+    medians = {name: statistics.median(values) for name, values in pieces.items()}
+    on = medians[f"fibecfed round {full} (100% pool), personal layers train sparsely"]
+    off = medians[f"fibecfed round {full} (100% pool), personal layers frozen"]
+    cycle = (on + (every - 1) * off) / every
+    print(f"\n{args.dataset}, {args.config} preset {' '.join(args.overrides)}, process CPU seconds, median of "
+          f"{len(pieces[FEDAVG])} (devices {args.devices} x {args.repeats} repeats), one torch thread; "
+          f"aggregation layers chosen: {chosen_layers}\n")
     print("| piece | CPU s | share of a FedAvg round |")
     print("|---|---|---|")
-    for name, values in pieces.items():
-        median = statistics.median(values)
+    for name, median in medians.items():
         print(f"| {name} | {median:.2f} | {median / base:.2f} |")
+    print(f"| fibecfed round at 100% pool, mean over a cycle of method.sparse.every={every} participations | {cycle:.2f} | {cycle / base:.2f} |")
     return 0
+
+
+def torch_rng():
+    import numpy as np
+
+    return np.random.default_rng(0)
 
 
 if __name__ == "__main__":

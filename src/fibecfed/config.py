@@ -287,10 +287,13 @@ class SparseUpdateConfig:
     # "probe" runs a separate pass over `fisher_samples` pool samples before training.
     fisher_source: Literal["training", "probe"] = "training"
     fisher_samples: int = 64  # probe size (fisher_source=probe)
-    # The non-aggregated layers train on every k-th participation of a device (1: every time).
-    # In the others only the aggregated layers and the head train, and the backward pass stops
-    # at the lowest of them: the compute the sparse update saves.
+    # The non-aggregated layers below the lowest aggregated one train in every k-th round (1:
+    # every round); in the others they are frozen and the backward pass stops at the lowest
+    # aggregated layer (the compute the sparse update saves). Those above it train every round:
+    # the backward pass reaches them anyway.
     every: int = 1
+    # Collect the Fisher on every m-th local step only (its per-sample products cost compute).
+    fisher_every: int = 1
     # Importance of a lora_A row: "rank", its rank component's (its own Fisher plus that of
     # lora_B's matching column, non-zero while B = 0); "rows", its own Fisher only.
     lora_a_importance: Literal["rank", "rows"] = "rank"
@@ -298,6 +301,8 @@ class SparseUpdateConfig:
     def _check(self, issues: list[str]) -> None:
         if self.every < 1:
             issues.append(f"method.sparse.every must be >= 1, got {self.every}")
+        if self.fisher_every < 1:
+            issues.append(f"method.sparse.fisher_every must be >= 1, got {self.fisher_every}")
         if not 0.0 <= self.share <= 1.0:
             issues.append(f"method.sparse.share must be in [0, 1], got {self.share}")
         if not 0.0 <= self.gamma < 1.0:

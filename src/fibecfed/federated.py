@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fibecfed.adapters import AdapterState, get_state, is_lora_key, set_state, trainable_parameters
+from fibecfed.adapters import AdapterState, get_state, is_lora_key, layer_of_key, set_state, trainable_parameters
 from fibecfed.aggregation import has_non_finite, merge_state, weighted_average
 from fibecfed.curriculum import class_balanced_pool, curriculum_pool, pacing_fraction
 from fibecfed.encoding import EncodedDataset, collate
@@ -78,6 +78,7 @@ class SparseSettings:
     batch_size: int = 32
     every: int = 1
     lora_a_importance: str = "rank"
+    fisher_every: int = 1
 
 
 @dataclass(frozen=True)
@@ -335,6 +336,15 @@ def sparse_update_masks(
     return masks_from_fisher(fisher, {k: runner.params[k].shape for k in lora_keys}, settings)
 
 
+def _above_lowest(personal_keys: Sequence[str], exchanged_keys: Sequence[str]) -> list[str]:
+    """The personal keys of layers above the lowest exchanged (aggregated) layer."""
+    exchanged_layers = [layer_of_key(k) for k in exchanged_keys if layer_of_key(k) is not None]
+    if not exchanged_layers:
+        return []
+    lowest = min(exchanged_layers)
+    return [k for k in personal_keys if (layer_of_key(k) or -1) > lowest]
+
+
 def round_steps(pool_size: int, fraction: float, settings: LocalTrainSettings, scale_steps: bool) -> int:
     """Local steps this round: epochs over the pool, or local_steps (times the pool fraction
     when the work follows the curriculum)."""
@@ -412,21 +422,25 @@ def device_round(
     pool, fraction = list(train_indices), 1.0
     if curriculum is not None:
         pool, fraction = curriculum_round_pool(runner, train, train_indices, device_state, round_num, curriculum, rng, seed, device)
-    # The non-aggregated layers train on every k-th participation (sparse.every); otherwise they
-    # are frozen, and the backward pass stops at the lowest aggregated layer.
-    train_personal = bool(personal_keys) and (sparse is None or device_state.participations % sparse.every == 0)
+    # The non-aggregated layers above the lowest aggregated one train every round: the backward
+    # pass reaches them anyway. Those below it train in every k-th round (sparse.every), on every
+    # device of that round alike: a round lasts as long as its slowest device, so a schedule per
+    # device would put one that trains them in almost every round. Otherwise they are frozen and
+    # the backward pass stops at the lowest aggregated layer.
+    train_personal = bool(personal_keys) and (sparse is None or round_num % sparse.every == 0)
+    training_personal = personal_keys if train_personal else _above_lowest(personal_keys, keys)
     masks = None
-    if sparse is not None and train_personal:
-        masks = sparse_update_masks(runner, train, pool, personal_keys, device_state, sparse, rng)
+    if sparse is not None and training_personal:
+        masks = sparse_update_masks(runner, train, pool, training_personal, device_state, sparse, rng)
     scoring_seconds = clock() - started
 
     steps = round_steps(len(pool), fraction, settings, curriculum is not None and curriculum.scale_steps)
     batch_indices = sample_batches(pool, settings.batch_size, steps, rng)
     anchor = {k: global_state[k] for k in keys} if settings.prox_mu > 0 else None
 
-    lora_personal = [k for k in personal_keys if is_lora_key(k)]
+    lora_personal = [k for k in training_personal if is_lora_key(k)]
     accumulator = None
-    if sparse is not None and train_personal and sparse.fisher_source == "training" and lora_personal:
+    if sparse is not None and sparse.fisher_source == "training" and lora_personal:
         accumulator = FisherAccumulator(runner.loaded.model, {k: runner.params[k] for k in lora_personal})
     lazy_masks = None
     if accumulator is not None and masks is None:
@@ -434,14 +448,20 @@ def device_round(
         def lazy_masks() -> dict[str, torch.Tensor]:
             # A first participation: this step's own Fisher picks the rows (fix for B = 0: see
             # masks.rank_importance), so no probe pass runs before training.
-            accumulator.samples = len(batch_indices[0])
             first = accumulator.fisher()
             return masks_from_fisher(first, {k: runner.params[k].shape for k in lora_personal}, sparse)
 
     online = curriculum is not None and curriculum.online_refresh
     recorded: list[torch.Tensor] = []
+    step = iter(range(len(batch_indices)))
 
     def loss_fn(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        index = next(step)
+        if accumulator is not None:
+            # The Fisher of every m-th step (sparse.fisher_every): its per-sample products cost.
+            accumulator.enabled = index % sparse.fisher_every == 0
+            if accumulator.enabled:
+                accumulator.count(int(batch["labels"].shape[0]))
         if not online:
             return runner.loss(batch)
         out = runner.head_output(batch)
@@ -465,13 +485,16 @@ def device_round(
             prox_mu=settings.prox_mu,
             prox_anchor=anchor,
             update_masks=masks,
-            frozen_keys=[] if train_personal else personal_keys,
+            frozen_keys=[k for k in personal_keys if k not in set(training_personal)],
             masks_after_first_backward=lazy_masks,
         )
     if accumulator is not None:
         # F_t = γ F_{t-1} + (1-γ) F~_t with F~_t from this round's own training steps.
-        accumulator.samples = result.samples
-        device_state.extra["fisher"] = update_fisher_momentum(device_state.extra.get("fisher"), accumulator.fisher(), sparse.gamma)
+        previous = device_state.extra.get("fisher") or {}
+        updated = update_fisher_momentum(previous, accumulator.fisher(), sparse.gamma)
+        # Layers that did not train this round keep their momentum; layers that are aggregated now drop theirs.
+        kept = {k: v for k, v in previous.items() if k in set(personal_keys) and k not in updated}
+        device_state.extra["fisher"] = {**kept, **updated}
     if recorded:
         position = {index: i for i, index in enumerate(train_indices)}
         scores = device_state.extra["scores"].clone()

@@ -348,6 +348,8 @@ class FisherAccumulator:
         self.params = params
         self.sums: dict[str, torch.Tensor] = {}
         self.samples = 0
+        # Off: the next forward passes are not collected (a Fisher from every m-th step only).
+        self.enabled = True
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _accumulate(self, module: nn.Linear, x: torch.Tensor, grad_out: torch.Tensor) -> None:
@@ -363,7 +365,7 @@ class FisherAccumulator:
             self.sums[keys["bias"]] = self.sums.get(keys["bias"], 0) + squares.detach()
 
     def _capture(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if not torch.is_grad_enabled() or not output.requires_grad or not inputs:
+        if not self.enabled or not torch.is_grad_enabled() or not output.requires_grad or not inputs:
             return
         activation = inputs[0].detach()
         self._handles.append(output.register_hook(lambda grad_out: self._accumulate(module, activation, grad_out)))

@@ -189,6 +189,7 @@ def sparse_settings(config: RunConfig) -> SparseSettings | None:
         batch_size=config.method.curriculum.score_batch_size,
         every=sp.every,
         lora_a_importance=sp.lora_a_importance,
+        fisher_every=sp.fisher_every,
     )
 
 

@@ -263,6 +263,18 @@ def test_fisher_accumulated_during_training_equals_per_sample_fisher():
     for key in subset:
         torch.testing.assert_close(got[key], expected[key] / 8, rtol=1e-4, atol=1e-8)
     assert all(not m._forward_hooks for m in model.modules())
+    # Collected on every other step only (method.sparse.fisher_every=2): the first batch's alone.
+    first = {key: g.pow(2).sum(dim=0) for key, g in per_sample_gradients(model, subset, logits_fn, batches[0]).items()}
+    with FisherAccumulator(model, subset) as acc:
+        for step, batch in enumerate(batches):
+            acc.enabled = step % 2 == 0
+            if acc.enabled:
+                acc.count(batch["labels"].shape[0])
+            loss = torch.nn.functional.cross_entropy(logits_fn(batch), batch["labels"])
+            model.zero_grad()
+            loss.backward()
+    for key in subset:
+        torch.testing.assert_close(acc.fisher()[key], first[key] / 4, rtol=1e-4, atol=1e-8)
 
 
 def test_head_fisher_trace_by_hand():

@@ -271,3 +271,44 @@ def test_background_scoring_delays_only_what_did_not_fit(tiny_encoder_dir, tmp_p
         assert row["sim_time_s"] == pytest.approx(elapsed + expected, abs=2e-3)
         elapsed = row["sim_time_s"]
     assert rows[1]["device_costs"][0][3] > 0  # round 1's devices scored in the initialisation phase
+
+
+def test_personal_layers_below_the_aggregated_one_train_every_kth_participation(tiny_encoder_dir):
+    """method.sparse.every=2 with layer 2 aggregated: on a device's second participation layers
+    0 and 1 stay as they were (no backward reaches them), layer 3 (above) trains on its masked
+    rows only, layer 2 and the head train densely."""
+    import copy
+
+    from fibecfed.federated import DeviceState, device_round
+    from fibecfed.layers import aggregation_keys
+    from fibecfed.simulator import curriculum_settings, prepare, sparse_settings, train_settings
+
+    config = load_config(None, tiny_run_overrides(tiny_encoder_dir) + ["method=fibecfed", "method.sparse.every=2"])
+    prepared = prepare(config)
+    runner = prepared.runner
+    initial = runner.state()
+    exchanged = aggregation_keys(runner.keys, [2])
+    state = DeviceState()
+    args = (prepared.train, prepared.train_parts[0], train_settings(config))
+    kwargs = dict(exchanged_keys=exchanged, curriculum=curriculum_settings(config), sparse=sparse_settings(config), initial_state=initial)
+    first = device_round(runner, 0, 2, 0, initial, state, *args, **kwargs)
+    assert first.trained_personal
+    personal_before = copy.deepcopy(state.personal)
+    fisher = state.extra["fisher"]
+    second = device_round(runner, 0, 3, 0, initial, state, *args, **kwargs)
+    assert not second.trained_personal
+    for key, before in personal_before.items():
+        after = state.personal[key]
+        if layer_of_key(key) in (0, 1):
+            assert torch.equal(before, after), key
+        else:  # layer 3: only the rows of the mask built from the Fisher kept after the first round
+            from fibecfed.federated import masks_from_fisher
+
+            mask = masks_from_fisher(fisher, {key: before.shape}, sparse_settings(config))[key]
+            changed = (before != after).any(dim=1)
+            assert bool(changed.any()), key
+            assert not bool((changed & ~mask[:, 0]).any()), key
+    # The Fisher of the frozen layers is kept for their next training round.
+    assert set(state.extra["fisher"]) == set(fisher)
+    for key in exchanged:
+        assert not torch.equal(second.state[key], initial[key]) or ".lora_B." not in key

@@ -1,0 +1,107 @@
+"""The tuning protocol behind the defaults (docs/defaults.md): every method gets the same budget.
+
+    python bench/tune.py --dataset sst2 --seeds 0,1 --out bench/results/tuning-sst2 [--procs 2]
+
+Each method runs the same number of configurations (a 3 x 2 grid) with the same seeds on one
+tuning dataset, which is then left out of the benchmark table:
+
+- FedAvg:   train.lr x train.head_lr
+- FedProx:  train.lr x method.prox_mu
+- FibecFed: train.lr x method.sparse.every (its own main cost/accuracy switch)
+
+A configuration's score is the area under its global accuracy curve: the mean accuracy over all
+evaluated rounds 1..T, averaged over the seeds. It rewards learning early and ending high, and
+uses neither time nor bytes, so no method is tuned on the quantity it is judged by. The best
+configuration of each method is the one the benchmarks then use, unchanged, everywhere.
+
+The runs go through `fibecfed compare` (resumable run folders), split over --procs processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks import dataset_overrides
+
+from fibecfed import outputs
+
+REPO = Path(__file__).resolve().parents[1]
+LRS = [0.001, 0.002, 0.005]
+GRID: dict[str, list[list[str]]] = {
+    "fedavg": [[f"train.lr={lr}", f"train.head_lr={h}"] for lr, h in itertools.product(LRS, [0.01, 0.03])],
+    "fedprox": [[f"train.lr={lr}", f"method.prox_mu={mu}"] for lr, mu in itertools.product(LRS, [0.01, 0.1])],
+    "fibecfed": [[f"train.lr={lr}", f"method.sparse.every={k}"] for lr, k in itertools.product(LRS, [1, 3])],
+}
+
+
+def label(method: str, overrides: list[str]) -> str:
+    return f"{method}[{';'.join(overrides)}]"
+
+
+def folder(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("_")
+
+
+def area_under_curve(rows: list[dict]) -> float:
+    """Mean global score over the evaluated rounds after round 0."""
+    values = [r["accuracy"] for r in rows if r["round"] > 0 and r.get("accuracy") is not None]
+    return statistics.fmean(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="sst2")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--config", default="bench")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "tuning-sst2")
+    parser.add_argument("--procs", type=int, default=2)
+    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "datasets")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args(argv)
+    labels = [label(m, o) for m, configs in GRID.items() for o in configs]
+    base = ["--config", args.config, "--seeds", args.seeds, "--out", str(args.out), "--no-progress",
+            *dataset_overrides(args.dataset, args.shared)]
+    if not args.report_only:
+        # Interleave the methods so every process gets a share of each.
+        shares = [labels[i :: args.procs] for i in range(args.procs)]
+        procs = [
+            subprocess.Popen([sys.executable, "-m", "fibecfed", "compare", "--methods", ",".join(share), *base],
+                             stdout=subprocess.DEVNULL, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+            for share in shares
+        ]
+        if any(p.wait() != 0 for p in procs):
+            print("a tuning process failed", file=sys.stderr)
+            return 1
+    seeds = [int(s) for s in args.seeds.split(",")]
+    table = {}
+    for method, configs in GRID.items():
+        for overrides in configs:
+            name = label(method, overrides)
+            runs = [outputs.read_metrics(args.out / folder(name) / f"seed{s}" / "metrics.jsonl") for s in seeds]
+            aucs = [area_under_curve(rows) for rows in runs]
+            finals = [[r for r in rows if r.get("accuracy") is not None][-1]["accuracy"] for rows in runs]
+            pers = [[r for r in rows if r.get("accuracy") is not None][-1].get("personalized_accuracy") for rows in runs]
+            table[name] = {"method": method, "overrides": overrides, "auc": statistics.fmean(aucs), "aucs": aucs,
+                           "final": statistics.fmean(finals), "final_personalized": statistics.fmean(p for p in pers if p is not None)}
+    chosen = {m: max((n for n, e in table.items() if e["method"] == m), key=lambda n: table[n]["auc"]) for m in GRID}
+    lines = [f"Tuning on {args.dataset} ({args.config} preset), seeds {seeds}: score = mean global accuracy over rounds 1..T "
+             "(area under the curve), averaged over seeds.", "",
+             "| configuration | score (AUC) | per seed | final accuracy | final personalised | chosen |", "|---|---|---|---|---|---|"]
+    for name, e in table.items():
+        lines.append(f"| `{name}` | {e['auc']:.3f} | {', '.join(f'{a:.3f}' for a in e['aucs'])} | {e['final']:.3f} | "
+                     f"{e['final_personalized']:.3f} | {'**yes**' if chosen[e['method']] == name else ''} |")
+    text = "\n".join(lines) + "\n"
+    outputs.write_json(args.out / "tuning.json", {"dataset": args.dataset, "seeds": seeds, "table": table, "chosen": chosen})
+    outputs.atomic_write_text(args.out / "tuning.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
