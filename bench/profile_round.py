@@ -7,11 +7,11 @@ any overrides), timed as process CPU time (the clock behind the simulated federa
 the table gives the median over devices x repeats in seconds and as a share of FedAvg's round:
 
 - fedavg round: one local epoch over all the device's data, every layer exchanged and trained.
-- fibecfed rounds at 100% and 60% of the data, with the aggregation layers a warm-up round's
-  probe chose on the device's trained model: once with the non-aggregated layers training
-  sparsely (a participation where they train), once with them frozen (the other participations
-  with method.sparse.every > 1: the backward stops at the lowest aggregated layer); and the mean
-  over one cycle of `every` participations.
+- fibecfed rounds at 100% and 60% of the data, with the aggregation layers that the warm-up
+  round's probes of the devices' trained models chose: once with the non-aggregated layers
+  training sparsely (a round where they train), once with those below the lowest aggregated
+  layer frozen (the other rounds with method.sparse.every > 1: the backward stops there); and
+  the mean over one cycle of `every` rounds.
 - the initialisation-phase difficulty score (head Fisher, a forward pass; in the background),
   the per-sample-gradient score over adapters + head, and the layer-sensitivity probe.
 """
@@ -34,7 +34,7 @@ from fibecfed.cli import quiet_libraries
 from fibecfed.config import load_config
 from fibecfed.curriculum import pacing_fraction
 from fibecfed.federated import DeviceState, device_round, difficulty_of_device, probe_layers
-from fibecfed.layers import aggregation_keys, select_aggregation_layers
+from fibecfed.layers import aggregation_keys, combine_layer_scores, select_aggregation_layers
 from fibecfed.simulator import curriculum_settings, prepare, probe_settings, sparse_settings, train_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,17 +78,21 @@ def main(argv: list[str] | None = None) -> int:
         return clock() - started
 
     pieces: dict[str, list[float]] = {}
-    chosen_layers = []
-    for device in [int(d) for d in args.devices.split(",")]:
+    devices = [int(d) for d in args.devices.split(",")]
+    # The warm-up round (every layer trains locally, only the head travels); the probes of the
+    # devices' trained models, combined as the server does, pick the aggregation layers.
+    warmed, probes = {}, []
+    for device in devices:
         idx = prepared.train_parts[device]
-        # The warm-up round (every layer trains locally, only the head travels), then the probe of
-        # the trained model picks this device's aggregation layers.
-        warm = DeviceState()
-        device_round(runner, device, 1, config.seed, initial, warm, train, idx, settings,
+        warmed[device] = DeviceState()
+        device_round(runner, device, 1, config.seed, initial, warmed[device], train, idx, settings,
                      exchanged_keys=aggregation_keys(runner.keys, []), curriculum=curriculum, initial_state=initial)
-        scores = probe_layers(runner, train, idx, probe_settings(config), config.seed, 1, device)
-        layers = select_aggregation_layers(scores, config.method.layers.share, config.method.layers.policy)
-        chosen_layers.append(layers)
+        probes.append(probe_layers(runner, train, idx, probe_settings(config), config.seed, 1, device))
+    combined = combine_layer_scores(probes, [len(prepared.train_parts[d]) for d in devices])
+    layers = select_aggregation_layers(combined, config.method.layers.share, config.method.layers.policy)
+    for device in devices:
+        idx = prepared.train_parts[device]
+        warm = warmed[device]
         exchanged = aggregation_keys(runner.keys, layers)
         # A device state after one FibecFed participation: scores, Fisher and personal layers in place.
         trained = copy.deepcopy(warm)
@@ -96,10 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                      exchanged_keys=exchanged, curriculum=curriculum, sparse=sparse, initial_state=initial)
         sparse_on = dataclasses.replace(sparse, every=1)
         sparse_off = dataclasses.replace(sparse, every=2)
-        odd = copy.deepcopy(trained)
-        odd.participations = 1  # with every=2: a participation where the personal layers stay frozen
-        even = copy.deepcopy(trained)
-        even.participations = 2
+        # Rounds 15 and 7 with every=1 train the personal layers; with every=2 they are frozen.
+        odd = even = trained
 
         def run(round_num, state, sp, keys=exchanged, cur=curriculum):
             return lambda: device_round(
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             for name, fn in cases.items():
                 pieces.setdefault(name, []).append(timed(fn))
-        print(f"device {device}: {len(idx)} samples, aggregation layers {layers}", file=sys.stderr, flush=True)
+        print(f"device {device}: {len(idx)} samples", file=sys.stderr, flush=True)
 
     base = statistics.median(pieces[FEDAVG])
     medians = {name: statistics.median(values) for name, values in pieces.items()}
@@ -131,12 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     cycle = (on + (every - 1) * off) / every
     print(f"\n{args.dataset}, {args.config} preset {' '.join(args.overrides)}, process CPU seconds, median of "
           f"{len(pieces[FEDAVG])} (devices {args.devices} x {args.repeats} repeats), one torch thread; "
-          f"aggregation layers chosen: {chosen_layers}\n")
+          f"aggregation layers chosen from the devices' combined probes: {layers}\n")
     print("| piece | CPU s | share of a FedAvg round |")
     print("|---|---|---|")
     for name, median in medians.items():
         print(f"| {name} | {median:.2f} | {median / base:.2f} |")
-    print(f"| fibecfed round at 100% pool, mean over a cycle of method.sparse.every={every} participations | {cycle:.2f} | {cycle / base:.2f} |")
+    print(f"| fibecfed round at 100% pool, mean over a cycle of method.sparse.every={every} rounds | {cycle:.2f} | {cycle / base:.2f} |")
     return 0
 
 

@@ -291,9 +291,9 @@ class SparseUpdateConfig:
     # every round); in the others they are frozen and the backward pass stops at the lowest
     # aggregated layer (the compute the sparse update saves). Those above it train every round:
     # the backward pass reaches them anyway.
-    every: int = 1
+    every: int = 3
     # Collect the Fisher on every m-th local step only (its per-sample products cost compute).
-    fisher_every: int = 1
+    fisher_every: int = 2
     # Importance of a lora_A row: "rank", its rank component's (its own Fisher plus that of
     # lora_B's matching column, non-zero while B = 0); "rows", its own Fisher only.
     lora_a_importance: Literal["rank", "rows"] = "rank"
