@@ -119,8 +119,9 @@ class PartitionConfig:
 class TrainConfig:
     """Local training on a device in one round."""
 
-    lr: float = 2e-3
-    # Learning rate of the classification head (None: same as lr).
+    # AdamW learning rate of the adapters; None: the method's tuned rate (TUNED_LEARNING_RATES).
+    lr: float | None = None
+    # Learning rate of the classification head; None: the method's tuned rate.
     head_lr: float | None = None
     weight_decay: float = 0.0
     batch_size: int = 16
@@ -131,7 +132,7 @@ class TrainConfig:
     eval_batch_size: int = 64
 
     def _check(self, issues: list[str]) -> None:
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             issues.append(f"train.lr must be > 0, got {self.lr}")
         if self.batch_size < 1:
             issues.append(f"train.batch_size must be >= 1, got {self.batch_size}")
@@ -311,6 +312,16 @@ class SparseUpdateConfig:
             issues.append(f"method.sparse.fisher_samples must be >= 1, got {self.fisher_samples}")
 
 
+# (adapter lr, head lr) per method, chosen by the tuning protocol in docs/defaults.md: the same
+# grid and seeds for every method on a tuning dataset that the benchmark table leaves out.
+TUNED_LEARNING_RATES: dict[str, tuple[float, float]] = {
+    "fedavg": (0.002, 0.01),
+    "fedprox": (0.002, 0.01),
+    "fibecfed": (0.002, 0.01),
+}
+TUNED_PROX_MU = 0.01
+
+
 @dataclass
 class MethodConfig:
     # fedavg, fedprox and fibecfed are one loop with different switches (see README, Methods).
@@ -330,7 +341,7 @@ class MethodConfig:
         if self.curriculum.online_refresh is None:
             self.curriculum.online_refresh = self.curriculum.score_wrt == "head"
         if self.prox_mu is None:
-            self.prox_mu = 0.01 if self.name == "fedprox" else 0.0
+            self.prox_mu = TUNED_PROX_MU if self.name == "fedprox" else 0.0
 
     def _check(self, issues: list[str]) -> None:
         if self.prox_mu is not None and self.prox_mu < 0:
@@ -473,6 +484,9 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     config = _build(RunConfig, data, "", issues)
     if not issues:
         config.method._resolve()
+        lr, head_lr = TUNED_LEARNING_RATES[config.method.name]
+        config.train.lr = lr if config.train.lr is None else config.train.lr
+        config.train.head_lr = head_lr if config.train.head_lr is None else config.train.head_lr
         _check_all(config, issues)
     if issues:
         raise ConfigError("invalid config: " + "; ".join(issues))

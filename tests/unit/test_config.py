@@ -99,3 +99,13 @@ def test_method_defaults_resolve_from_name():
     assert fib.curriculum.enabled and fib.layers.enabled and fib.sparse.enabled and fib.prox_mu == 0.0
     avg = load_config(None, []).method
     assert not (avg.curriculum.enabled or avg.layers.enabled or avg.sparse.enabled)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedprox", "fibecfed"])
+def test_learning_rates_default_to_the_methods_tuned_ones(method):
+    from fibecfed.config import TUNED_LEARNING_RATES
+
+    config = load_config("bench", [f"method={method}"])
+    assert (config.train.lr, config.train.head_lr) == TUNED_LEARNING_RATES[method]
+    mine = load_config("bench", [f"method={method}", "train.lr=0.0007", "train.head_lr=0.07"])
+    assert (mine.train.lr, mine.train.head_lr) == (0.0007, 0.07)
