@@ -119,11 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-share", type=float, default=0.95)
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "datasets")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="rebuild each dataset's report from finished runs")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="print the reports and the summary table of the finished comparisons in --out (any folder names)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     quiet_libraries()
-    run(args, report_only=args.report_only)
+    if not args.summary_only:
+        run(args, report_only=args.report_only)
     print(report(args.out))
     print(summary(args.out, args.datasets.split(",")))
     return 0
