@@ -217,7 +217,8 @@ class CurriculumConfig:
     # others rank after the scored ones and join the pool last.
     score_samples: int | None = 256
     # Keep the scores of the samples a device trains on current from the training forward pass
-    # itself (the head's Fisher trace, free). None: on when score_wrt=head, the same quantity.
+    # itself (the head's Fisher trace, free). None: on when score_wrt=head (the same quantity)
+    # and order=easy_first.
     online_refresh: bool | None = None
     # Re-score a device's data with the current model every R rounds (0: never).
     rescore_every: int = 0
@@ -338,8 +339,7 @@ class MethodConfig:
         for part in (self.curriculum, self.layers, self.sparse):
             if part.enabled is None:
                 part.enabled = is_fibecfed
-        if self.curriculum.online_refresh is None:
-            self.curriculum.online_refresh = self.curriculum.score_wrt == "head"
+
         if self.prox_mu is None:
             self.prox_mu = TUNED_PROX_MU if self.name == "fedprox" else 0.0
 

@@ -309,19 +309,20 @@ def sparse_update_masks(
     device_state: DeviceState,
     settings: SparseSettings,
     rng: np.random.Generator,
-) -> dict[str, torch.Tensor] | None:
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Masks that let only the most important neurons of the non-aggregated layers train.
 
     The diagonal Fisher F_t = γ F_{t-1} + (1-γ) F~_t (method.md Part 2) picks the top share ρ of
     each LoRA matrix's rows. With fisher_source=probe, F~_t comes from a pass over a sample of
-    the pool now; with "training" it is the device's momentum from its earlier rounds, and None
-    is returned at a first participation: the masks then come from the first training step's
-    own Fisher (`device_round`), with no extra pass.
+    the pool now; with "training" it is the device's momentum from its earlier rounds. Returns
+    the masks of the keys that have a Fisher, and the LoRA keys that have none yet (a first
+    participation, or a layer that just stopped being aggregated): their masks come from the
+    first training step's own Fisher (`device_round`), with no extra pass.
     """
     lora_keys = [k for k in personal_keys if is_lora_key(k)]
     if not lora_keys:
-        return {}
-    fisher = device_state.extra.get("fisher")
+        return {}, []
+    fisher = device_state.extra.get("fisher") or {}
     if settings.fisher_source == "probe":
         probe_size = min(settings.fisher_samples, len(pool))
         probe = _length_sorted(train, rng.choice(np.asarray(pool), probe_size, replace=False).tolist())
@@ -329,11 +330,12 @@ def sparse_update_masks(
         _, fisher_now = score_and_fisher(
             runner.loaded.model, personal_params, runner.logits, lambda idx: runner.batch(train, idx), probe, settings.batch_size
         )
-        fisher = update_fisher_momentum(fisher, fisher_now, settings.gamma)
+        fisher = {**fisher, **update_fisher_momentum(fisher, fisher_now, settings.gamma)}
         device_state.extra["fisher"] = fisher
-    if fisher is None or any(k not in fisher for k in lora_keys):
-        return None
-    return masks_from_fisher(fisher, {k: runner.params[k].shape for k in lora_keys}, settings)
+    known = [k for k in lora_keys if k in fisher]
+    missing = [k for k in lora_keys if k not in fisher]
+    masks = masks_from_fisher(fisher, {k: runner.params[k].shape for k in known}, settings) if known else {}
+    return masks, missing
 
 
 def _above_lowest(personal_keys: Sequence[str], exchanged_keys: Sequence[str]) -> list[str]:
@@ -342,7 +344,7 @@ def _above_lowest(personal_keys: Sequence[str], exchanged_keys: Sequence[str]) -
     if not exchanged_layers:
         return []
     lowest = min(exchanged_layers)
-    return [k for k in personal_keys if (layer_of_key(k) or -1) > lowest]
+    return [k for k in personal_keys if layer_of_key(k) is not None and layer_of_key(k) > lowest]
 
 
 def round_steps(pool_size: int, fraction: float, settings: LocalTrainSettings, scale_steps: bool) -> int:
@@ -391,6 +393,7 @@ def device_round(
     clock: Callable[[], float] = time.perf_counter,
     initial_state: Mapping[str, torch.Tensor] | None = None,
     probe: ProbeSettings | None = None,
+    own_start_keys: Sequence[str] = (),
 ) -> DeviceUpdate:
     """Download, train locally, and return what the device uploads.
 
@@ -400,11 +403,19 @@ def device_round(
     (curriculum=None, sparse=None, all keys exchanged) this is FedAvg's local step.
     `initial_state` is the run's initial global state, which the initialisation phase scores
     with (curriculum.score_at=init). `probe`: measure the layer sensitivity of the trained model
-    at the end of the round (the scores travel up with the update).
+    at the end of the round (the scores travel up with the update). `own_start_keys`: exchanged
+    keys of layers that have just joined the aggregated ones; the device starts them from its own
+    trained values where it has them (their global values were never or long ago aggregated),
+    and the average of what the devices send becomes their global value. `device_state.personal`
+    keeps exactly the keys that are not exchanged this round: a layer that leaves the
+    aggregated ones starts from its latest global value.
     """
     keys = list(exchanged_keys) if exchanged_keys is not None else runner.keys
     exchanged = set(keys)
     runner.load_state({k: global_state[k] for k in keys}, strict=False)
+    own = {k: device_state.personal[k] for k in own_start_keys if k in exchanged and k in device_state.personal}
+    if own:
+        runner.load_state(own, strict=False)
     personal_keys = [k for k in runner.keys if k not in exchanged]
     if personal_keys:
         # First participation: the device starts its personal layers from the initial global values.
@@ -429,9 +440,9 @@ def device_round(
     # the backward pass stops at the lowest aggregated layer.
     train_personal = bool(personal_keys) and (sparse is None or round_num % sparse.every == 0)
     training_personal = personal_keys if train_personal else _above_lowest(personal_keys, keys)
-    masks = None
+    masks, unmasked = None, []
     if sparse is not None and training_personal:
-        masks = sparse_update_masks(runner, train, pool, training_personal, device_state, sparse, rng)
+        masks, unmasked = sparse_update_masks(runner, train, pool, training_personal, device_state, sparse, rng)
     scoring_seconds = clock() - started
 
     steps = round_steps(len(pool), fraction, settings, curriculum is not None and curriculum.scale_steps)
@@ -443,13 +454,17 @@ def device_round(
     if sparse is not None and sparse.fisher_source == "training" and lora_personal:
         accumulator = FisherAccumulator(runner.loaded.model, {k: runner.params[k] for k in lora_personal})
     lazy_masks = None
-    if accumulator is not None and masks is None:
+    if accumulator is not None and unmasked:
+        known_masks = masks
 
         def lazy_masks() -> dict[str, torch.Tensor]:
-            # A first participation: this step's own Fisher picks the rows (fix for B = 0: see
-            # masks.rank_importance), so no probe pass runs before training.
+            # Keys without a Fisher yet (a first participation): this step's own Fisher picks
+            # their rows (with B = 0 through lora_B's columns: masks.rank_importance), so no
+            # probe pass runs before training.
             first = accumulator.fisher()
-            return masks_from_fisher(first, {k: runner.params[k].shape for k in lora_personal}, sparse)
+            return {**known_masks, **masks_from_fisher(first, {k: runner.params[k].shape for k in unmasked}, sparse)}
+
+        masks = None
 
     online = curriculum is not None and curriculum.online_refresh
     recorded: list[torch.Tensor] = []
@@ -465,8 +480,12 @@ def device_round(
         if not online:
             return runner.loss(batch)
         out = runner.head_output(batch)
-        # Each trained sample's difficulty, current, from this very forward pass (free).
-        recorded.append(head_fisher_trace(out.logits, out.features, batch["labels"], out.has_bias).cpu())
+        # Each trained sample's difficulty, current, from this very forward pass (free), on the
+        # scale of the initial scores.
+        trace = head_fisher_trace(out.logits, out.features, batch["labels"], out.has_bias)
+        if curriculum.normalize_by_length:
+            trace = trace / batch["attention_mask"].sum(dim=1).float()
+        recorded.append(trace.cpu())
         return torch.nn.functional.cross_entropy(out.logits, batch["labels"])
 
     runner.loaded.model.train()
@@ -510,9 +529,7 @@ def device_round(
     compute_seconds = clock() - started
 
     upload = runner.state(keys)
-    # Keep every personal entry the device ever trained: if a refresh of the aggregation layers
-    # moves a layer back to local, the device continues from its own values.
-    device_state.personal = {**device_state.personal, **runner.state(personal_keys)}
+    device_state.personal = runner.state(personal_keys)
     device_state.participations += 1
     personalized, count = None, 0
     if test is not None and len(test_indices) > 0:

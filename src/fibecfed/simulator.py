@@ -42,6 +42,7 @@ from fibecfed.federated import (
     device_round,
     valid_updates,
 )
+from fibecfed.adapters import layer_of_key
 from fibecfed.layers import aggregation_keys, combine_layer_scores, select_aggregation_layers, transformer_layers
 from fibecfed.models import load_model
 from fibecfed.training import NonFiniteLossError
@@ -168,7 +169,9 @@ def curriculum_settings(config: RunConfig) -> CurriculumSettings | None:
         normalize_by_length=c.normalize_by_length,
         score_at=c.score_at,
         score_samples=c.score_samples,
-        online_refresh=bool(c.online_refresh),
+        # Unset: on for the head score in the easy-first order (hard-first with refreshed scores
+        # would rotate through the samples it has just made easy).
+        online_refresh=c.online_refresh if c.online_refresh is not None else (c.score_wrt == "head" and c.order == "easy_first"),
         rescore_every=c.rescore_every,
         score_batch_size=c.score_batch_size,
         scale_steps=c.scale_steps,
@@ -339,6 +342,10 @@ class Simulation:
             else:
                 exchanged = runner.keys if server["layers"] is None else aggregation_keys(runner.keys, server["layers"])
             probe = probe_settings(cfg) if self._probe_due(server, round_num) else None
+            used_layers = None if warmup else server["layers"]
+            # Layers that join the aggregated ones this round start from the devices' own values.
+            joined = (server.get("joined") or []) if server.get("layers_round") == round_num else []
+            own_start = [k for k in exchanged if layer_of_key(k) in set(joined)]
             full_bytes = serialized_nbytes(global_state)
             download = serialized_nbytes({k: global_state[k] for k in exchanged})
             for device in sampled:
@@ -366,6 +373,7 @@ class Simulation:
                         sparse=None if warmup else sparse,
                         initial_state=initial_state,
                         probe=probe,
+                        own_start_keys=own_start,
                     )
                 except NonFiniteLossError as exc:
                     logger.warning("device %d failed in round %d (%s); it is left out of this round", device, round_num, exc)
@@ -408,7 +416,7 @@ class Simulation:
 
             row: dict[str, Any] = {"round": round_num, "devices": sampled}
             if round_num % cfg.federation.eval_every == 0 or round_num == cfg.federation.rounds:
-                row.update(self._evaluate(prepared, global_state, device_states, num_classes))
+                row.update(self._evaluate(prepared, global_state, device_states, num_classes, exchanged))
             else:
                 row.update({"accuracy": None, "personalized_accuracy": None})
             personal = [(u.personalized, u.personalized_count) for u in good if u.personalized]
@@ -416,7 +424,7 @@ class Simulation:
             row["loss"] = _weighted_mean([(u.loss, u.num_samples) for u in good])
             row["failed_devices"] = sorted(failed + dropped)
             row["curriculum_fraction"] = _weighted_mean([(u.curriculum_fraction, u.num_samples) for u in updates])
-            row["aggregated_layers"] = None if warmup else server["layers"]
+            row["aggregated_layers"] = used_layers
             if probe is not None:
                 row["layer_scores"] = server["layer_scores"]
             row["trained_personal"] = sum(u.trained_personal for u in updates)
@@ -463,17 +471,21 @@ class Simulation:
         return self._finish(prepared, global_state, history)
 
     def _evaluate(
-        self, prepared: Prepared, global_state: dict, device_states: dict[int, DeviceState], num_classes: int
+        self, prepared: Prepared, global_state: dict, device_states: dict[int, DeviceState], num_classes: int,
+        exchanged: list[str] | None = None,
     ) -> dict[str, Any]:
         """The global model on the central test subset, and every device's own model on its own
-        test part, predictions pooled (the lineage's personalised score)."""
+        test part, predictions pooled (the lineage's personalised score). A device's model is its
+        personal entries of the layers that are not aggregated now, over the current global state."""
         runner = prepared.runner
         runner.load_state(global_state)
         central = runner.evaluate(prepared.test, prepared.eval_indices, self.config.train.eval_batch_size, num_classes)
         row = {"accuracy": central["accuracy"], "f1": central["f1"], "mcc": central["mcc"], "test_loss": central["loss"]}
         if self.config.federation.personalized_eval:
+            shared = set(exchanged or [])
+            personal = {d: {k: v for k, v in s.personal.items() if k not in shared} for d, s in device_states.items()}
             pooled = personalized_metrics(runner, prepared.test, prepared.device_eval_indices, global_state,
-                                          {d: s.personal for d, s in device_states.items()}, self.config.train.eval_batch_size, num_classes)
+                                          personal, self.config.train.eval_batch_size, num_classes)
             row.update({f"personalized_{k}": v for k, v in pooled.items()})
         else:
             row["personalized_accuracy"] = None
@@ -502,7 +514,9 @@ class Simulation:
             return
         cfg = self.config.method.layers
         combined = combine_layer_scores([u.layer_scores for u in probed], [u.num_samples for u in probed])
+        previous = server["layers"] or []
         server["layers"] = select_aggregation_layers(combined, cfg.share, cfg.policy)
+        server["joined"] = sorted(set(server["layers"]) - set(previous))
         server["layers_round"] = round_num + 1
         server["layer_scores"] = [round(float(x), 6) for x in combined]
         logger.info("after round %d: aggregation layers %s (scores %s)", round_num, server["layers"], server["layer_scores"])
@@ -554,7 +568,9 @@ class Simulation:
         else:
             combined = torch.zeros(len(transformer_layers(prepared.runner.loaded.model)))
         rng = np.random.default_rng([self.config.seed, round_num, 0, 5])
+        previous = server["layers"] or []
         server["layers"] = select_aggregation_layers(combined, cfg.share, cfg.policy, rng=rng)
+        server["joined"] = sorted(set(server["layers"]) - set(previous)) if previous else []
         server["layers_round"] = round_num
         server["layer_scores"] = [round(float(x), 6) for x in combined]
         logger.info("round %d: aggregation layers %s (scores %s)", round_num, server["layers"], server["layer_scores"])

@@ -312,3 +312,98 @@ def test_personal_layers_below_the_aggregated_one_train_every_kth_participation(
     assert set(state.extra["fisher"]) == set(fisher)
     for key in exchanged:
         assert not torch.equal(second.state[key], initial[key]) or ".lora_B." not in key
+
+
+def test_refreshed_layers_rows_and_personal_state(tiny_encoder_dir, tmp_path):
+    """Refresh every 2 rounds: each row reports the layers that round aggregated, the choice of a
+    probing round holds from the next one, and every device keeps personal values of exactly the
+    layers that were not aggregated in its last round."""
+    extra = ["method=fibecfed", "method.layers.share=0.5", "method.layers.refresh_every=2", "partition.num_devices=4"]
+    _, rows, ck = _run(tiny_encoder_dir, tmp_path, extra, rounds=6)
+    assert rows[1]["aggregated_layers"] is None  # the warm-up round
+    probing = [r["round"] for r in rows[1:] if r.get("layer_scores") is not None]
+    assert probing == [1, 3, 5]  # the warm-up, then every 2 rounds of a choice
+    for r in probing[:-1]:
+        scores = rows[r]["layer_scores"]
+        chosen = sorted(sorted(range(4), key=lambda i: (-scores[i], i))[:2])
+        assert rows[r + 1]["aggregated_layers"] == chosen and rows[r + 2]["aggregated_layers"] == chosen
+    last_round = {}
+    for r in rows[1:]:
+        for d in r["devices"]:
+            last_round[d] = r["aggregated_layers"]
+    for device, state in ck["device_states"].items():
+        layers = last_round[int(device)] or []
+        expected = {k for k in ck["global_state"] if layer_of_key(k) is not None and layer_of_key(k) not in layers}
+        assert set(state["personal"]) == expected, device
+
+
+def test_a_layer_that_joins_starts_from_the_devices_own_values(tiny_encoder_dir):
+    import copy
+
+    from fibecfed.federated import DeviceState, LocalTrainSettings, device_round
+    from fibecfed.layers import aggregation_keys
+    from fibecfed.simulator import prepare
+
+    config = load_config(None, tiny_run_overrides(tiny_encoder_dir))
+    prepared = prepare(config)
+    runner = prepared.runner
+    initial = runner.state()
+    frozen = LocalTrainSettings(lr=1e-30, head_lr=1e-30, weight_decay=0, batch_size=8, local_steps=1, local_epochs=None,
+                                max_grad_norm=None, eval_batch_size=8)
+    state = DeviceState()
+    mine = {k: v + 0.5 for k, v in initial.items() if layer_of_key(k) == 2}
+    state.personal = copy.deepcopy(mine)
+    exchanged = aggregation_keys(runner.keys, [2])
+    joined = device_round(runner, 0, 2, 0, initial, copy.deepcopy(state), prepared.train, prepared.train_parts[0], frozen,
+                          exchanged_keys=exchanged, own_start_keys=exchanged)
+    plain = device_round(runner, 0, 2, 0, initial, copy.deepcopy(state), prepared.train, prepared.train_parts[0], frozen,
+                         exchanged_keys=exchanged)
+    for key, value in mine.items():
+        assert torch.allclose(joined.state[key], value)  # started from its own copy
+        assert torch.allclose(plain.state[key], initial[key])  # started from the global value
+
+
+def test_online_refresh_rescores_exactly_the_trained_samples(tiny_encoder_dir):
+    """The initialisation phase scores with the initial model; the round trains from another
+    (global) state, and each trained sample's score becomes its head Fisher trace in that step's
+    forward pass (dropout off, one step: the global model's), on the same scale; the others keep
+    their initial scores."""
+    import dataclasses
+
+    import numpy as np
+
+    from fibecfed.federated import DeviceState, LocalTrainSettings, curriculum_round_pool, device_round, difficulty_of_device
+    from fibecfed.simulator import curriculum_settings, prepare
+    from fibecfed.training import sample_batches
+
+    for normalize in (False, True):
+        config = load_config(None, tiny_run_overrides(tiny_encoder_dir) + [
+            "method=fibecfed", f"method.curriculum.normalize_by_length={str(normalize).lower()}"])
+        prepared = prepare(config)
+        runner = prepared.runner
+        for module in runner.loaded.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        initial = runner.state()
+        moved = {k: v * 3.0 if ".lora_" not in k else v for k, v in initial.items()}  # a trained head
+        curriculum = dataclasses.replace(curriculum_settings(config), score_samples=None)
+        assert curriculum.online_refresh and curriculum.score_wrt == "head"
+        settings = LocalTrainSettings(lr=1e-3, head_lr=1e-3, weight_decay=0, batch_size=8, local_steps=1, local_epochs=None,
+                                      max_grad_norm=None, eval_batch_size=8)
+        indices = prepared.train_parts[0]
+        runner.load_state(moved)
+        by_global, _ = difficulty_of_device(runner, prepared.train, indices, curriculum)
+        runner.load_state(initial)
+        by_initial, _ = difficulty_of_device(runner, prepared.train, indices, curriculum)
+        state = DeviceState()
+        device_round(runner, 0, 9, 0, moved, state, prepared.train, indices, settings, curriculum=curriculum, initial_state=initial)
+        # The round's one batch, drawn as device_round draws it.
+        rng = np.random.default_rng([0, 9, 0, 1])
+        pool, _ = curriculum_round_pool(runner, prepared.train, indices, DeviceState(extra={"scores": by_initial.clone(), "scored_round": 0}),
+                                        9, curriculum, rng, 0, 0)
+        batch = set(sample_batches(pool, 8, 1, rng)[0])
+        after = state.extra["scores"]
+        for i, index in enumerate(indices):
+            expected = by_global[i] if index in batch else by_initial[i]
+            assert torch.isclose(after[i], expected, rtol=1e-4), (normalize, index)
+        assert batch and not torch.allclose(by_global, by_initial)
