@@ -340,6 +340,10 @@ class MethodConfig:
             if part.enabled is None:
                 part.enabled = is_fibecfed
 
+        if self.curriculum.online_refresh is None:
+            # On for the head score in the easy-first order (hard-first with refreshed scores
+            # would rotate through the samples it has just made easy).
+            self.curriculum.online_refresh = self.curriculum.score_wrt == "head" and self.curriculum.order == "easy_first"
         if self.prox_mu is None:
             self.prox_mu = TUNED_PROX_MU if self.name == "fedprox" else 0.0
 

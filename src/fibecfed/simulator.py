@@ -169,9 +169,7 @@ def curriculum_settings(config: RunConfig) -> CurriculumSettings | None:
         normalize_by_length=c.normalize_by_length,
         score_at=c.score_at,
         score_samples=c.score_samples,
-        # Unset: on for the head score in the easy-first order (hard-first with refreshed scores
-        # would rotate through the samples it has just made easy).
-        online_refresh=c.online_refresh if c.online_refresh is not None else (c.score_wrt == "head" and c.order == "easy_first"),
+        online_refresh=bool(c.online_refresh),
         rescore_every=c.rescore_every,
         score_batch_size=c.score_batch_size,
         scale_steps=c.scale_steps,
