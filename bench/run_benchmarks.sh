@@ -25,5 +25,7 @@ fib="$(dirname "$0")/../.venv/bin/fibecfed"
   # The default step-based config (`fibecfed run` with no arguments): ~1,700 tweets a device,
   # 4 steps of 16 a round: compute weighs.
   $fib compare --no-progress --methods fedavg,fedprox,fibecfed --seeds "$seeds" --out bench/results/tweets-default
+  # docs/defaults.md, study 5 (the tuning set).
+  bash bench/defaults_study5.sh "$shared" 0
 } > bench/results/stream-b.log 2>&1 &
 wait
