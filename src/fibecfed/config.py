@@ -327,7 +327,7 @@ TUNED_PROX_MU = 0.1
 class MethodConfig:
     # fedavg, fedprox and fibecfed are one loop with different switches (see README, Methods).
     name: Literal["fedavg", "fedprox", "fibecfed"] = "fedavg"
-    # FedProx proximal term weight; None: 0.01 for fedprox, 0 otherwise.
+    # FedProx proximal term weight; None: TUNED_PROX_MU for fedprox, 0 otherwise.
     prox_mu: float | None = None
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     layers: LayerSelectionConfig = field(default_factory=LayerSelectionConfig)

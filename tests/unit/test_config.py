@@ -94,7 +94,9 @@ def test_non_finite_and_conflicting_values_are_errors():
 
 
 def test_method_defaults_resolve_from_name():
-    assert load_config(None, ["method=fedprox"]).method.prox_mu == pytest.approx(0.01)
+    from fibecfed.config import TUNED_PROX_MU
+
+    assert load_config(None, ["method=fedprox"]).method.prox_mu == pytest.approx(TUNED_PROX_MU)
     fib = load_config(None, ["method=fibecfed"]).method
     assert fib.curriculum.enabled and fib.layers.enabled and fib.sparse.enabled and fib.prox_mu == 0.0
     avg = load_config(None, []).method
