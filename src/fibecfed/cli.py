@@ -36,8 +36,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(
         f"accuracy {summary['initial_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
         f"(best {summary['best_accuracy']:.3f}, majority class {summary['majority_rate']:.3f}); "
-        f"personalised {summary['final_personalized_accuracy'] or float('nan'):.3f}; "
-        f"wall {summary['wall_time_s']:.0f} s, simulated {summary['sim_time_s']:.0f} s, "
+        f"personalised (every device's own model) {summary['final_personalized_accuracy'] or float('nan'):.3f}; "
+        f"wall {summary['wall_time_s']:.0f} s, simulated {summary['sim_time_s']:.0f} s "
+        f"(compute only {summary.get('compute_time_s') or 0:.0f} s), "
         f"uploaded {summary['upload_bytes'] / 1e6:.1f} MB"
     )
     print(f"outputs in {out}: metrics.jsonl, summary.json, accuracy.png, adapter/")
