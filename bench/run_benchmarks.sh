@@ -3,28 +3,30 @@
 # two streams of `fibecfed compare`, one per core, one torch thread each. Runs resume, so the
 # script can be started again after an interruption. SST-2 is the tuning set (bench/tune.py) and
 # is left out on purpose.
-#   bash bench/run_benchmarks.sh [SHARED_DATASETS] [SEEDS]
+#   bash bench/run_benchmarks.sh [SHARED_DATASETS] [SEEDS] [METHODS]
 # Then the summary table: python bench/benchmarks.py --summary-only --datasets subj,tweets,tweets-default,tweets-smollm2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared=$(cd "${1:-../shared/datasets}" && pwd)
 seeds=${2:-0,1,2}
+# FedProx (tuned like the others) is a third method to add here; a 2-core session fits only two.
+methods=${3:-fedavg,fibecfed}
 export OMP_NUM_THREADS=1
 fib="$(dirname "$0")/../.venv/bin/fibecfed"
 {
   # The bench setting (about 50 samples a device, one local epoch): transfer weighs.
-  $fib compare --config bench --no-progress --methods fedavg,fedprox,fibecfed --seeds "$seeds" \
+  $fib compare --config bench --no-progress --methods "$methods" --seeds "$seeds" \
     --out bench/results/subj data.name=subj "data.path=$shared/subj"
   # The decoder (SmolLM2-135M through label words).
   $fib compare --config bench-decoder --no-progress --methods fedavg,fibecfed --seeds "$seeds" \
     --out bench/results/tweets-smollm2
 } > bench/results/stream-a.log 2>&1 &
 {
-  $fib compare --config bench --no-progress --methods fedavg,fedprox,fibecfed --seeds "$seeds" \
+  $fib compare --config bench --no-progress --methods "$methods" --seeds "$seeds" \
     --out bench/results/tweets data.name=tweets
   # The default step-based config (`fibecfed run` with no arguments): ~1,700 tweets a device,
   # 4 steps of 16 a round: compute weighs.
-  $fib compare --no-progress --methods fedavg,fedprox,fibecfed --seeds "$seeds" --out bench/results/tweets-default
+  $fib compare --no-progress --methods "$methods" --seeds "$seeds" --out bench/results/tweets-default
   # docs/defaults.md, study 5 (the tuning set).
   bash bench/defaults_study5.sh "$shared" 0
 } > bench/results/stream-b.log 2>&1 &

@@ -99,9 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Options and key=value overrides in any order.
+
+    argparse gives a nargs="*" positional only its first run of values; the overrides after an
+    option (`run method=fibecfed --out DIR data.name=sst2`) come back as extras, so those are
+    appended to the overrides, and anything else among the extras is still an error.
+    """
+    args, extras = parser.parse_known_args(argv)
+    stray = [e for e in extras if e.startswith("-") or "=" not in e]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extras:
+        args.overrides = [*args.overrides, *extras]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
