@@ -35,7 +35,8 @@ from fibecfed.config import load_config
 from fibecfed.curriculum import pacing_fraction
 from fibecfed.federated import DeviceState, device_round, difficulty_of_device, probe_layers
 from fibecfed.layers import aggregation_keys, combine_layer_scores, select_aggregation_layers
-from fibecfed.simulator import curriculum_settings, prepare, probe_settings, sparse_settings, train_settings
+from fibecfed.server import probe_settings, sparse_settings
+from fibecfed.simulator import curriculum_settings, prepare, train_settings
 
 REPO = Path(__file__).resolve().parents[1]
 FEDAVG = "fedavg round (all data, all layers)"
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         warmed[device] = DeviceState()
         device_round(runner, device, 1, config.seed, initial, warmed[device], train, idx, settings,
                      exchanged_keys=aggregation_keys(runner.keys, []), curriculum=curriculum, initial_state=initial)
-        probes.append(probe_layers(runner, train, idx, probe_settings(config), config.seed, 1, device))
+        probes.append(probe_layers(runner, train, idx, probe_settings(config.method.layers), config.seed, 1, device))
     combined = combine_layer_scores(probes, [len(prepared.train_parts[d]) for d in devices])
     layers = select_aggregation_layers(combined, config.method.layers.share, config.method.layers.policy)
     for device in devices:
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             f"fibecfed round {later} (60% pool), personal layers frozen": run(later, odd, sparse_off),
             "initialisation-phase score (head Fisher, forward only; background)": lambda: difficulty_of_device(runner, train, idx, by_head, torch_rng()),
             "difficulty score over adapters + head (per-sample gradients)": lambda: difficulty_of_device(runner, train, idx, by_adapters),
-            "layer-sensitivity probe": lambda: probe_layers(runner, train, idx, probe_settings(config), config.seed, 1, device),
+            "layer-sensitivity probe": lambda: probe_layers(runner, train, idx, probe_settings(config.method.layers), config.seed, 1, device),
         }
         for _ in range(args.repeats):
             for name, fn in cases.items():

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from fibecfed import server as server_module
 from fibecfed import simulator as sim_module
 from fibecfed.accounting import serialized_nbytes
 from fibecfed.adapters import layer_of_key
@@ -105,19 +106,19 @@ def test_fibecfed_exchanges_only_selected_layers(tiny_encoder_dir, tmp_path):
 def test_killed_run_resumes_to_the_same_result(tiny_encoder_dir, tmp_path, monkeypatch):
     _, rows_full, ck_full = _run(tiny_encoder_dir, tmp_path / "full", ["method=fibecfed"], rounds=3)
 
-    original = sim_module.sample_devices
+    original = server_module.sample_devices
 
     def crash_in_round_3(seed, round_num, num_devices, per_round):
         if round_num == 3:
             raise KeyboardInterrupt
         return original(seed, round_num, num_devices, per_round)
 
-    monkeypatch.setattr(sim_module, "sample_devices", crash_in_round_3)
+    monkeypatch.setattr(server_module, "sample_devices", crash_in_round_3)
     config = load_config(None, tiny_run_overrides(tiny_encoder_dir, 3) + ["method=fibecfed"])
     with pytest.raises(KeyboardInterrupt):
         Simulation(config, tmp_path / "killed").run()
     assert torch.load(tmp_path / "killed" / CHECKPOINT, weights_only=False)["round"] == 2
-    monkeypatch.setattr(sim_module, "sample_devices", original)
+    monkeypatch.setattr(server_module, "sample_devices", original)
     _, rows, ck = _run(tiny_encoder_dir, tmp_path / "killed", ["method=fibecfed"], rounds=3)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     for key in ck_full["global_state"]:
@@ -281,7 +282,8 @@ def test_personal_layers_below_the_aggregated_one_train_every_kth_participation(
 
     from fibecfed.federated import DeviceState, device_round
     from fibecfed.layers import aggregation_keys
-    from fibecfed.simulator import curriculum_settings, prepare, sparse_settings, train_settings
+    from fibecfed.server import sparse_settings
+    from fibecfed.simulator import curriculum_settings, prepare, train_settings
 
     config = load_config(None, tiny_run_overrides(tiny_encoder_dir) + ["method=fibecfed", "method.sparse.every=2"])
     prepared = prepare(config)

@@ -1,0 +1,450 @@
+"""The federated server, without a transport: sampling, layer choice, aggregation, accounting.
+
+A runtime drives it round by round and moves the messages itself:
+
+    request = server.probe_request(r)           # devices that probe the global model first, or None
+    plan = server.plan_round(r, probes)         # who trains, with which keys and switches
+    ... each device in plan.devices runs `device_round` and sends a DeviceUpdate ...
+    result = server.finish_round(plan, updates, failed)   # validate, aggregate, choose, count
+    ... restore the devices in result.dropped; evaluate if result.evaluate ...
+    row = server.record_round(result, evaluation, wall_seconds)
+
+The in-process simulator calls `device_round` directly; a Flower ServerApp would send the plan
+through its Grid. Nothing here touches device data or device state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fibecfed.accounting import serialized_nbytes, simulated_round_seconds
+from fibecfed.adapters import AdapterState, layer_of_key
+from fibecfed.config import LayerSelectionConfig, RunConfig
+from fibecfed.federated import DeviceUpdate, ProbeSettings, SparseSettings, aggregate_updates, valid_updates
+from fibecfed.layers import aggregation_keys, combine_layer_scores, select_aggregation_layers
+
+logger = logging.getLogger(__name__)
+
+# Layer-selection policies that rank the layers by the devices' sensitivity probes.
+PROBED_POLICIES = ("sensitivity", "reverse")
+
+# The evaluation fields of a round the runtime did not evaluate.
+NOT_EVALUATED: dict[str, Any] = {"accuracy": None, "personalized_accuracy": None}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The values the server needs (a slice of the run config, plus two facts of the model and partition)."""
+
+    seed: int
+    rounds: int
+    num_devices: int
+    devices_per_round: int
+    eval_every: int
+    bandwidth_mbps: float
+    num_layers: int  # transformer layers of the model: the length of a layer-score vector
+    layers: LayerSelectionConfig | None  # None: no layer selection, every key is aggregated
+    sparse: SparseSettings | None  # what devices use outside warm-up rounds
+
+
+def sparse_settings(config: RunConfig) -> SparseSettings | None:
+    sp = config.method.sparse
+    if not sp.enabled or not config.method.layers.enabled:
+        # Without layer selection every layer is aggregated: there is nothing to update sparsely.
+        return None
+    return SparseSettings(
+        share=sp.share,
+        gamma=sp.gamma,
+        fisher_source=sp.fisher_source,
+        fisher_samples=sp.fisher_samples,
+        batch_size=config.method.curriculum.score_batch_size,
+        every=sp.every,
+        lora_a_importance=sp.lora_a_importance,
+        fisher_every=sp.fisher_every,
+    )
+
+
+def probe_settings(layers: LayerSelectionConfig) -> ProbeSettings:
+    return ProbeSettings(probe_samples=layers.probe_samples, noise_scale=layers.noise_scale, measure=layers.measure)
+
+
+def server_settings(config: RunConfig, num_devices: int, num_layers: int) -> ServerSettings:
+    f = config.federation
+    return ServerSettings(
+        seed=config.seed,
+        rounds=f.rounds,
+        num_devices=num_devices,
+        devices_per_round=f.devices_per_round,
+        eval_every=f.eval_every,
+        bandwidth_mbps=f.bandwidth_mbps,
+        num_layers=num_layers,
+        layers=config.method.layers if config.method.layers.enabled else None,
+        sparse=sparse_settings(config),
+    )
+
+
+def sample_devices(seed: int, round_num: int, num_devices: int, per_round: int) -> list[int]:
+    """The devices that train in `round_num`: a seeded draw without replacement, sorted."""
+    rng = np.random.default_rng([seed, round_num, 0, 0])
+    return sorted(rng.choice(num_devices, per_round, replace=False).tolist())
+
+
+# The layer selection's state, a plain dict (it goes into checkpoints as is): `layers` (the
+# global aggregation layers, None before the first choice), `layers_round` (the round from which
+# they hold), `layer_scores` (the combined scores they were chosen from) and, after a choice,
+# `joined` (layers that were not aggregated before it).
+def initial_selection() -> dict[str, Any]:
+    return {"layers": None, "layers_round": None, "layer_scores": None}
+
+
+def warming_up(layers: LayerSelectionConfig | None, selection: Mapping[str, Any]) -> bool:
+    """Whether this round comes before the first probe-based choice (method.layers.select_after)."""
+    return bool(layers) and layers.select_after > 0 and selection["layers"] is None and layers.policy in PROBED_POLICIES
+
+
+def probe_due(layers: LayerSelectionConfig | None, selection: Mapping[str, Any], round_num: int) -> bool:
+    """Whether the sampled devices probe their trained models at the end of this round."""
+    if not layers or layers.policy not in PROBED_POLICIES or layers.select_after == 0:
+        return False
+    if selection["layers"] is None:
+        return round_num >= layers.select_after
+    # The layers chosen hold from layers_round on; refresh after refresh_every rounds of them.
+    return layers.refresh_every > 0 and round_num - selection["layers_round"] + 1 >= layers.refresh_every
+
+
+def layers_due(layers: LayerSelectionConfig | None, selection: Mapping[str, Any], round_num: int) -> bool:
+    """Whether the server chooses the layers before this round: policies without scores, or a
+    probe of the global model (method.layers.select_after=0)."""
+    if not layers or (layers.policy in PROBED_POLICIES and layers.select_after > 0):
+        return False
+    if selection["layers"] is None:
+        return True
+    return layers.refresh_every > 0 and round_num - selection["layers_round"] >= layers.refresh_every
+
+
+def choose_before_round(
+    layers: LayerSelectionConfig, selection: Mapping[str, Any], scores: torch.Tensor, round_num: int, seed: int
+) -> dict[str, Any]:
+    """The selection after a choice made before `round_num` from combined scores (L,); it holds
+    from this round on (method.md Part 2: top share of the layers)."""
+    rng = np.random.default_rng([seed, round_num, 0, 5])
+    previous = selection["layers"] or []
+    chosen = select_aggregation_layers(scores, layers.share, layers.policy, rng=rng)
+    updated = {**selection, "layers": chosen}
+    # The first choice has nothing joining: every device still has the initial values.
+    updated["joined"] = sorted(set(chosen) - set(previous)) if previous else []
+    updated["layers_round"] = round_num
+    updated["layer_scores"] = [round(float(x), 6) for x in scores]
+    logger.info("round %d: aggregation layers %s (scores %s)", round_num, chosen, updated["layer_scores"])
+    return updated
+
+
+def choose_after_probes(
+    layers: LayerSelectionConfig, selection: Mapping[str, Any], updates: Sequence[DeviceUpdate], round_num: int
+) -> dict[str, Any]:
+    """The selection for the rounds after `round_num`, from the devices' trained-model
+    sensitivities averaged by data size; unchanged when no device sent scores."""
+    probed = [u for u in updates if u.layer_scores is not None]
+    if not probed:
+        logger.warning("round %d: no device returned layer scores; the aggregation layers stay as they are", round_num)
+        return dict(selection)
+    combined = combine_layer_scores([u.layer_scores for u in probed], [u.num_samples for u in probed])
+    previous = selection["layers"] or []
+    chosen = select_aggregation_layers(combined, layers.share, layers.policy)
+    updated = {**selection, "layers": chosen}
+    updated["joined"] = sorted(set(chosen) - set(previous))
+    updated["layers_round"] = round_num + 1
+    updated["layer_scores"] = [round(float(x), 6) for x in combined]
+    logger.info("after round %d: aggregation layers %s (scores %s)", round_num, chosen, updated["layer_scores"])
+    return updated
+
+
+def weighted_mean(values: Sequence[tuple[float, int]]) -> float | None:
+    total = sum(w for _, w in values)
+    return sum(v * w for v, w in values) / total if total else None
+
+
+@dataclass(frozen=True)
+class LayerProbe:
+    """A device's answer to a probe request: the sensitivity (L,) of the global model's layers."""
+
+    scores: torch.Tensor
+    seconds: float  # compute time of the probe, added to the device's round
+    num_samples: int  # the device's training-set size: the weight of its scores
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """Before `round_num`'s plan: these devices measure the layer sensitivity of the global model."""
+
+    round_num: int
+    devices: list[int]
+    settings: ProbeSettings
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the server asks of the devices in one round."""
+
+    round_num: int
+    devices: list[int]  # sampled, sorted
+    exchanged_keys: list[str]  # downloaded, trained from the global values, uploaded, aggregated
+    warmup: bool  # before the first probe-based layer choice: only the keys outside the layers travel
+    probe: ProbeSettings | None  # devices probe their trained models at the end of the round
+    own_start_keys: list[str]  # exchanged keys of layers that just joined: devices start them from their own values
+    sparse: SparseSettings | None  # the sparse update of the non-aggregated layers (None in warm-up)
+    aggregated_layers: list[int] | None  # the layers aggregated this round (None: all, or warm-up)
+    state: AdapterState  # what the server sends: the global values of the exchanged keys
+    download_bytes: int  # per device, serialized `state`
+    full_bytes: int  # the whole global adapter, serialized (what FedAvg would send)
+    # Cost of the pre-round probe (ProbeRequest) per sampled device: seconds and upload bytes.
+    probe_seconds: dict[int, float] = field(default_factory=dict)
+    probe_upload: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """A finished round, before its evaluation (which the runtime does)."""
+
+    plan: RoundPlan
+    dropped: list[int]  # devices whose update had NaN/inf: the runtime restores their state
+    evaluate: bool  # whether the runtime evaluates the new global model this round
+    fields: dict[str, Any]  # the metrics row after the evaluation's fields (wall_time_s filled in later)
+
+
+class Server:
+    """The global adapter, the layer selection, the running totals and the metrics history."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        global_state: AdapterState,
+        *,
+        round_num: int = 0,
+        selection: dict[str, Any] | None = None,
+        totals: dict[str, Any] | None = None,
+        history: list[dict[str, Any]] | None = None,
+    ):
+        self.settings = settings
+        self.global_state = dict(global_state)
+        self.round = round_num  # the last completed round (0: none yet)
+        self.selection = initial_selection() if selection is None else selection
+        self.totals = totals if totals is not None else {
+            "wall_time_s": 0.0, "sim_time_s": 0.0, "compute_time_s": 0.0,
+            "upload_bytes": 0, "download_bytes": 0, "bytes_saved": 0,
+        }
+        self.history = [] if history is None else history
+
+    @classmethod
+    def from_checkpoint(cls, settings: ServerSettings, payload: Mapping[str, Any]) -> Server:
+        """The server as `to_checkpoint` saved it (a run resumes after `payload["round"]`)."""
+        return cls(
+            settings,
+            payload["global_state"],
+            round_num=payload["round"],
+            selection=payload["server"],
+            # Checkpoints written before compute_time_s was counted lack it.
+            totals={"compute_time_s": 0.0, **payload["totals"]},
+            history=payload["history"],
+        )
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "global_state": self.global_state,
+            "history": self.history,
+            "totals": self.totals,
+            "server": self.selection,
+        }
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.global_state)
+
+    def record_start(self, evaluation: Mapping[str, Any]) -> dict[str, Any]:
+        """Round 0: the starting point (the curve's first point, and the majority-rate check)."""
+        row = {
+            "round": 0,
+            "devices": [],
+            **evaluation,
+            "sampled_personalized_accuracy": None,
+            "loss": None,
+            "failed_devices": [],
+            "wall_time_s": 0.0,
+            "sim_time_s": 0.0,
+            "compute_time_s": 0.0,
+            "upload_bytes": 0,
+            "download_bytes": 0,
+            "round_upload_bytes": 0,
+            "device_costs": [],
+            "curriculum_fraction": None,
+            "aggregated_layers": None,
+            "bytes_saved_vs_fedavg": 0,
+            "scoring_seconds": 0.0,
+        }
+        self.history.append(row)
+        return row
+
+    def _sample(self, round_num: int) -> list[int]:
+        s = self.settings
+        return sample_devices(s.seed, round_num, s.num_devices, s.devices_per_round)
+
+    def probe_request(self, round_num: int) -> ProbeRequest | None:
+        """The devices whose probes of the global model `plan_round` needs, or None."""
+        layers = self.settings.layers
+        if not layers_due(layers, self.selection, round_num) or layers.policy not in PROBED_POLICIES:
+            return None
+        return ProbeRequest(round_num, self._sample(round_num), probe_settings(layers))
+
+    def plan_round(self, round_num: int, probes: Mapping[int, LayerProbe] | None = None) -> RoundPlan:
+        """Sample the devices and say what they do; choose the layers first when due (with the
+        answers to `probe_request(round_num)` in `probes`, by device)."""
+        s = self.settings
+        sampled = self._sample(round_num)
+        probe_seconds = {d: 0.0 for d in sampled}
+        probe_upload = {d: 0 for d in sampled}
+        if layers_due(s.layers, self.selection, round_num):
+            if s.layers.policy in PROBED_POLICIES:
+                answered = [d for d in sampled if probes is not None and d in probes]
+                if not answered:
+                    raise ValueError(f"round {round_num}: the layer choice needs the sampled devices' probes (probe_request)")
+                for device in answered:
+                    probe_seconds[device] += probes[device].seconds
+                    probe_upload[device] += serialized_nbytes({"layer_scores": probes[device].scores})
+                # Weighted by data size (method.md Part 2).
+                combined = combine_layer_scores([probes[d].scores for d in answered], [probes[d].num_samples for d in answered])
+            else:
+                combined = torch.zeros(s.num_layers)
+            self.selection = choose_before_round(s.layers, self.selection, combined, round_num, s.seed)
+        warmup = warming_up(s.layers, self.selection)
+        chosen = self.selection["layers"]
+        if warmup:
+            # Before the first choice only the keys outside the layers travel (method.layers.select_after).
+            exchanged = aggregation_keys(self.keys, [])
+        else:
+            exchanged = self.keys if chosen is None else aggregation_keys(self.keys, chosen)
+        # Layers that join the aggregated ones this round start from the devices' own values.
+        joined = set(self.selection.get("joined") or []) if self.selection.get("layers_round") == round_num else set()
+        state = {k: self.global_state[k] for k in exchanged}
+        return RoundPlan(
+            round_num=round_num,
+            devices=sampled,
+            exchanged_keys=exchanged,
+            warmup=warmup,
+            probe=probe_settings(s.layers) if probe_due(s.layers, self.selection, round_num) else None,
+            own_start_keys=[k for k in exchanged if layer_of_key(k) in joined],
+            # Warm-up rounds train every layer densely: no aggregation layers yet.
+            sparse=None if warmup else s.sparse,
+            aggregated_layers=None if warmup else chosen,
+            state=state,
+            download_bytes=serialized_nbytes(state),
+            full_bytes=serialized_nbytes(self.global_state),
+            probe_seconds=probe_seconds,
+            probe_upload=probe_upload,
+        )
+
+    def finish_round(self, plan: RoundPlan, updates: Sequence[DeviceUpdate], failed: Sequence[int]) -> RoundResult:
+        """Aggregate the valid updates into the global state, choose the layers from the
+        devices' probes when the plan asked for them, and count the round's costs.
+
+        `updates`: what the devices that finished sent, in plan.devices order; `failed`: the
+        devices that did not finish (they downloaded, but sent nothing).
+        """
+        s = self.settings
+        good, dropped = valid_updates(updates)
+        self.global_state = aggregate_updates(self.global_state, [u.state for u in good], [u.num_samples for u in good])
+        if plan.probe is not None:
+            self.selection = choose_after_probes(s.layers, self.selection, good, plan.round_num)
+
+        # Per device: [compute s, download bytes, upload bytes, initialisation-phase s]. The
+        # initialisation phase ran in the background from the start: it delays the device's
+        # first round only by the part that did not fit in the time before it.
+        costs = []
+        for u in updates:
+            upload = plan.probe_upload.get(u.device, 0)
+            if u.layer_scores is not None:
+                upload += serialized_nbytes({"layer_scores": u.layer_scores})
+            seconds = u.compute_seconds + plan.probe_seconds.get(u.device, 0.0)
+            costs.append([seconds, plan.download_bytes, serialized_nbytes(u.state) + upload, u.background_seconds])
+        totals = self.totals
+        sim_round = simulated_round_seconds(
+            [c + max(0.0, bg - totals["sim_time_s"]) for c, _, _, bg in costs],
+            [d for _, d, _, _ in costs],
+            [u for _, _, u, _ in costs],
+            s.bandwidth_mbps,
+        )
+        compute_round = max((c + max(0.0, bg - totals["compute_time_s"]) for c, _, _, bg in costs), default=0.0)
+        upload_sizes = [u for _, _, u, _ in costs]
+        download_sizes = [plan.download_bytes] * (len(updates) + len(failed))
+        totals["upload_bytes"] += sum(upload_sizes)
+        totals["download_bytes"] += sum(download_sizes)
+        totals["sim_time_s"] += sim_round
+        totals["compute_time_s"] += compute_round
+        # What FedAvg would have sent for the same devices: the full adapter both ways.
+        totals["bytes_saved"] += 2 * plan.full_bytes * len(updates) - sum(upload_sizes) - plan.download_bytes * len(updates)
+
+        personal = [(u.personalized, u.personalized_count) for u in good if u.personalized]
+        fields: dict[str, Any] = {
+            "sampled_personalized_accuracy": weighted_mean([(p["accuracy"], n) for p, n in personal]),
+            "loss": weighted_mean([(u.loss, u.num_samples) for u in good]),
+            "failed_devices": sorted([*failed, *dropped]),
+            "curriculum_fraction": weighted_mean([(u.curriculum_fraction, u.num_samples) for u in updates]),
+            "aggregated_layers": plan.aggregated_layers,
+        }
+        if plan.probe is not None:
+            fields["layer_scores"] = self.selection["layer_scores"]
+        fields.update({
+            "trained_personal": sum(u.trained_personal for u in updates),
+            "bytes_saved_vs_fedavg": totals["bytes_saved"],
+            "scoring_seconds": round(sum(u.scoring_seconds for u in updates), 3),
+            "device_costs": [[round(c, 4), d, u, round(bg, 4)] for c, d, u, bg in costs],
+            "wall_time_s": None,
+            "sim_time_s": round(totals["sim_time_s"], 3),
+            "compute_time_s": round(totals["compute_time_s"], 3),
+            "upload_bytes": totals["upload_bytes"],
+            "download_bytes": totals["download_bytes"],
+            "round_upload_bytes": sum(upload_sizes),
+        })
+        evaluate = plan.round_num % s.eval_every == 0 or plan.round_num == s.rounds
+        return RoundResult(plan, dropped, evaluate, fields)
+
+    def record_round(self, result: RoundResult, evaluation: Mapping[str, Any] | None, wall_seconds: float) -> dict[str, Any]:
+        """The round's metrics row, appended to the history: the runtime's `evaluation` of the
+        new global model (None when it did not evaluate) and the round's wall-clock seconds."""
+        self.totals["wall_time_s"] += wall_seconds
+        row: dict[str, Any] = {
+            "round": result.plan.round_num,
+            "devices": result.plan.devices,
+            **(evaluation if evaluation is not None else NOT_EVALUATED),
+            **result.fields,
+        }
+        row["wall_time_s"] = round(self.totals["wall_time_s"], 3)
+        self.history.append(row)
+        self.round = result.plan.round_num
+        return row
+
+
+__all__ = [
+    "LayerProbe",
+    "NOT_EVALUATED",
+    "ProbeRequest",
+    "RoundPlan",
+    "RoundResult",
+    "Server",
+    "ServerSettings",
+    "choose_after_probes",
+    "choose_before_round",
+    "layers_due",
+    "probe_due",
+    "probe_settings",
+    "sample_devices",
+    "server_settings",
+    "sparse_settings",
+    "warming_up",
+]

@@ -1,0 +1,176 @@
+"""The transport-free server: plans, aggregation, layer choice and accounting on hand-made tensors."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from fibecfed.accounting import serialized_nbytes
+from fibecfed.config import LayerSelectionConfig
+from fibecfed.federated import DeviceUpdate
+from fibecfed.server import LayerProbe, Server, ServerSettings, sample_devices
+
+HEAD = "base_model.model.classifier.weight"
+
+
+def layer_key(layer: int) -> str:
+    return f"base_model.model.bert.encoder.layer.{layer}.attention.self.query.lora_A.weight"
+
+
+def global_state() -> dict[str, torch.Tensor]:
+    """Four layers with one (1, 2) LoRA matrix each, and a (2,) head."""
+    state = {layer_key(i): torch.full((1, 2), float(i)) for i in range(4)}
+    state[HEAD] = torch.tensor([10.0, 20.0])
+    return state
+
+
+def settings(layers: LayerSelectionConfig | None = None, **overrides) -> ServerSettings:
+    values = dict(seed=0, rounds=5, num_devices=4, devices_per_round=2, eval_every=1, bandwidth_mbps=8.0,
+                  num_layers=4, layers=layers, sparse=None)
+    values.update(overrides)
+    return ServerSettings(**values)
+
+
+def selection_config(**overrides) -> LayerSelectionConfig:
+    values = dict(enabled=True, share=0.5, policy="sensitivity", select_after=1, refresh_every=0)
+    values.update(overrides)
+    return LayerSelectionConfig(**values)
+
+
+def update(device: int, state: dict[str, torch.Tensor], num_samples: int, **fields) -> DeviceUpdate:
+    values = dict(loss=1.0, compute_seconds=1.0, steps=1)
+    values.update(fields)
+    return DeviceUpdate(device=device, state=state, num_samples=num_samples, **values)
+
+
+def server_with_layers(layers: list[int]) -> Server:
+    """A server whose aggregation layers were chosen before round 2 (no refresh)."""
+    chosen = {"layers": layers, "layers_round": 1, "layer_scores": [0.0] * 4, "joined": []}
+    return Server(settings(selection_config()), global_state(), round_num=1, selection=chosen)
+
+
+def test_finish_round_averages_the_exchanged_keys_by_data_size():
+    server = server_with_layers([0])
+    previous = global_state()
+    plan = server.plan_round(2)
+    assert plan.devices == sample_devices(0, 2, 4, 2)
+    assert plan.exchanged_keys == [layer_key(0), HEAD]
+    assert set(plan.state) == {layer_key(0), HEAD} and plan.probe is None and plan.own_start_keys == []
+    a, b = plan.devices
+    updates = [
+        update(a, {layer_key(0): torch.tensor([[1.0, 2.0]]), HEAD: torch.tensor([0.0, 4.0])}, 1, loss=0.5, compute_seconds=1.0),
+        update(b, {layer_key(0): torch.tensor([[5.0, 6.0]]), HEAD: torch.tensor([4.0, 8.0])}, 3, loss=1.0, compute_seconds=2.0),
+    ]
+    result = server.finish_round(plan, updates, [])
+    # (1 * a + 3 * b) / 4, key by key.
+    assert torch.equal(server.global_state[layer_key(0)], torch.tensor([[4.0, 5.0]]))
+    assert torch.equal(server.global_state[HEAD], torch.tensor([3.0, 7.0]))
+    for layer in (1, 2, 3):  # not exchanged: the previous global values
+        assert torch.equal(server.global_state[layer_key(layer)], previous[layer_key(layer)])
+    assert list(server.global_state) == list(previous)
+    assert result.dropped == [] and result.evaluate
+
+    row = server.record_round(result, {"accuracy": 0.75}, wall_seconds=0.5)
+    assert row["loss"] == pytest.approx((1 * 0.5 + 3 * 1.0) / 4)
+    assert row["failed_devices"] == [] and row["aggregated_layers"] == [0] and "layer_scores" not in row
+    down = serialized_nbytes({k: previous[k] for k in (layer_key(0), HEAD)})
+    up = serialized_nbytes(updates[0].state)
+    full = serialized_nbytes(previous)
+    assert row["device_costs"] == [[1.0, down, up, 0.0], [2.0, down, up, 0.0]]
+    assert row["round_upload_bytes"] == row["upload_bytes"] == 2 * up
+    assert row["download_bytes"] == 2 * down
+    assert row["bytes_saved_vs_fedavg"] == 2 * full * 2 - 2 * up - 2 * down
+    # 8 Mbit/s moves a byte in 1e-6 s; the slower device sets the round's time.
+    assert row["sim_time_s"] == round(max(1.0, 2.0) + (down + up) * 1e-6, 3)
+    assert row["wall_time_s"] == 0.5 and row["accuracy"] == 0.75 and row["round"] == 2
+    assert server.round == 2 and server.history == [row]
+
+
+def test_non_finite_update_is_rejected():
+    server = server_with_layers([0])
+    plan = server.plan_round(2)
+    a, b = plan.devices
+    bad = {layer_key(0): torch.tensor([[float("nan"), 1.0]]), HEAD: torch.tensor([1.0, 1.0])}
+    good = {layer_key(0): torch.tensor([[7.0, 8.0]]), HEAD: torch.tensor([1.0, 2.0])}
+    result = server.finish_round(plan, [update(a, good, 1), update(b, bad, 3)], [])
+    assert result.dropped == [b] and result.fields["failed_devices"] == [b]
+    # Only the finite update counts: the average of one update is that update.
+    assert torch.equal(server.global_state[layer_key(0)], good[layer_key(0)])
+    assert torch.equal(server.global_state[HEAD], good[HEAD])
+
+    # A round whose only update is non-finite keeps the previous global values.
+    before = dict(server.global_state)
+    plan = server.plan_round(3)
+    result = server.finish_round(plan, [update(plan.devices[0], bad, 1)], [plan.devices[1]])
+    assert result.fields["failed_devices"] == sorted(plan.devices) and result.fields["loss"] is None
+    assert all(torch.equal(server.global_state[k], v) for k, v in before.items())
+
+
+def test_warm_up_exchanges_the_head_and_the_probes_choose_the_layers():
+    server = Server(settings(selection_config(refresh_every=2)), global_state())
+    assert server.probe_request(1) is None  # select_after=1: the devices probe their trained models instead
+    plan = server.plan_round(1)
+    assert plan.warmup and plan.exchanged_keys == [HEAD] and plan.aggregated_layers is None
+    assert plan.probe is not None and plan.sparse is None
+    a, b = plan.devices
+    updates = [
+        update(a, {HEAD: torch.tensor([0.0, 0.0])}, 1, layer_scores=torch.tensor([1.0, 0.0, 0.0, 0.0])),
+        update(b, {HEAD: torch.tensor([0.0, 0.0])}, 3, layer_scores=torch.tensor([0.0, 0.0, 3.0, 1.0])),
+    ]
+    result = server.finish_round(plan, updates, [])
+    # Scores averaged by data size: [0.25, 0, 2.25, 0.75]; the top half is layers 2 and 3.
+    assert result.fields["layer_scores"] == [0.25, 0.0, 2.25, 0.75]
+    assert server.selection["layers"] == [2, 3] and server.selection["layers_round"] == 2
+    # The probes' (4,) float32 vectors travel up with the adapter.
+    scores_bytes = serialized_nbytes({"layer_scores": updates[0].layer_scores})
+    assert result.fields["device_costs"][0][2] == serialized_nbytes(updates[0].state) + scores_bytes
+    server.record_round(result, None, 0.0)  # the runtime did not evaluate
+    assert server.history[-1]["accuracy"] is None and server.history[-1]["personalized_accuracy"] is None
+
+    nxt = server.plan_round(2)
+    assert not nxt.warmup and nxt.aggregated_layers == [2, 3] and nxt.probe is None
+    assert nxt.exchanged_keys == [layer_key(2), layer_key(3), HEAD]
+    # Layers 2 and 3 just joined: the devices start them from their own values.
+    assert nxt.own_start_keys == [layer_key(2), layer_key(3)]
+    assert server.plan_round(3).probe is not None  # refresh_every=2: the chosen layers held 2 rounds
+
+
+def test_a_choice_before_the_round_waits_for_the_probes():
+    server = Server(settings(selection_config(select_after=0)), global_state())
+    request = server.probe_request(1)
+    assert request is not None and request.devices == sample_devices(0, 1, 4, 2)
+    with pytest.raises(ValueError, match="probes"):
+        server.plan_round(1)
+    a, b = request.devices
+    probes = {
+        a: LayerProbe(torch.tensor([0.0, 4.0, 0.0, 0.0]), seconds=0.5, num_samples=1),
+        b: LayerProbe(torch.tensor([0.0, 0.0, 0.0, 1.0]), seconds=0.25, num_samples=1),
+    }
+    plan = server.plan_round(1, probes)
+    assert plan.aggregated_layers == [1, 3] and server.selection["layers_round"] == 1
+    assert plan.own_start_keys == []  # the first choice: nobody has own values yet
+    assert plan.probe_seconds == {a: 0.5, b: 0.25}
+    assert plan.probe_upload[a] == serialized_nbytes({"layer_scores": probes[a].scores})
+    result = server.finish_round(plan, [update(a, dict(plan.state), 1, compute_seconds=1.0)], [])
+    assert result.fields["device_costs"][0][0] == 1.5  # training plus the probe before it
+
+
+def test_checkpoint_round_trip_resumes_the_same_server(tmp_path):
+    server = Server(settings(selection_config()), global_state())
+    server.record_start({"accuracy": 0.5})
+    plan = server.plan_round(1)
+    scores = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    updates = [update(d, {HEAD: torch.tensor([1.0, 1.0])}, 1, layer_scores=scores) for d in plan.devices]
+    server.record_round(server.finish_round(plan, updates, []), {"accuracy": 0.6}, 0.1)
+    buffer = io.BytesIO()
+    torch.save(server.to_checkpoint(), buffer)
+    buffer.seek(0)
+    resumed = Server.from_checkpoint(settings(selection_config()), torch.load(buffer, weights_only=False))
+    assert resumed.round == 1 and resumed.history == server.history and resumed.totals == server.totals
+    assert resumed.selection == server.selection
+    assert all(torch.equal(resumed.global_state[k], v) for k, v in server.global_state.items())
+    a, b = server.plan_round(2), resumed.plan_round(2)
+    for name in ("devices", "exchanged_keys", "own_start_keys", "aggregated_layers", "download_bytes"):
+        assert getattr(a, name) == getattr(b, name), name
