@@ -78,3 +78,53 @@ def test_flower_simulation_matches_inprocess(tiny_encoder_dir, tmp_path, method)
     for name in ("config.json", "summary.json", "accuracy.png", "adapter/adapter_model.safetensors"):
         assert (tmp_path / "flower" / name).is_file(), name
     assert summary["final_accuracy"] == rows_b[-1]["accuracy"]
+
+
+def _client_app_failing_in_round_one(failing_device: int):
+    """fibecfed's ClientApp, except that one node raises in round 1 (a real failure on a real node)."""
+    from flwr.clientapp import ClientApp
+
+    from fibecfed.flower import client_app
+
+    app = ClientApp()
+    app.query()(client_app.identify)
+    app.evaluate()(client_app.evaluate)
+
+    @app.train()
+    def train(msg, context):
+        if client_app.partition_id(context) == failing_device and msg.content.config_records["round"]["round"] == 1:
+            raise RuntimeError("this node breaks down in round 1")
+        return client_app.train(msg, context)
+
+    return app
+
+
+def test_a_failing_node_is_counted_and_the_run_completes(tiny_encoder_dir, tmp_path):
+    from fibecfed.flower.simulation import run_flower_simulation
+
+    overrides = tiny_run_overrides(tiny_encoder_dir, rounds=2) + ["partition.num_devices=2", "method=fibecfed"]
+    config = load_config(None, overrides + ["federation.runtime=flower"])
+    summary = run_flower_simulation(config, tmp_path, client_app=_client_app_failing_in_round_one(0))
+    rows = _rows(tmp_path / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[1]["failed_devices"] == [0] and rows[2]["failed_devices"] == []
+    # The failed device downloaded but sent nothing: one upload in round 1, two in round 2.
+    assert len(rows[1]["device_costs"]) == 1 and len(rows[2]["device_costs"]) == 2
+    assert rows[1]["download_bytes"] > 0 and rows[2]["accuracy"] is not None
+    assert summary["rounds"] == 2
+
+
+def test_cli_runs_on_flower(tiny_encoder_dir, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    args = [*tiny_run_overrides(tiny_encoder_dir, rounds=1), "partition.num_devices=2", "federation.runtime=flower"]
+    result = subprocess.run([sys.executable, "-m", "fibecfed.cli", "run", "--out", str(out), *args],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "flower runtime" in result.stderr
+    rows = _rows(out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["upload_bytes"] > 0
+    for name in ("summary.json", "accuracy.png", "adapter/adapter_model.safetensors"):
+        assert (out / name).is_file(), name
