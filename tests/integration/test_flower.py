@@ -29,11 +29,18 @@ def _assert_close(a, b, what):
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6, equal_nan=True), f"{what}: {key}"
 
 
-@pytest.mark.parametrize("method", ["fedavg", "fibecfed"])
-def test_flower_simulation_matches_inprocess(tiny_encoder_dir, tmp_path, method):
+# FibecFed with the layers chosen anew after every round: a layer that leaves the aggregated ones
+# reaches a device that lacks its global value, which the server then sends (the "stale" keys).
+REFRESH = ["method.layers.refresh_every=1", "method.layers.share=0.5"]
+
+
+@pytest.mark.parametrize(("method", "extra", "rounds"), [
+    ("fedavg", [], 2), ("fibecfed", [], 2), ("fibecfed", REFRESH, 4),
+], ids=["fedavg", "fibecfed", "fibecfed-layers-leave"])
+def test_flower_simulation_matches_inprocess(tiny_encoder_dir, tmp_path, method, extra, rounds):
     from fibecfed.flower.simulation import run_flower_simulation
 
-    overrides = tiny_run_overrides(tiny_encoder_dir, rounds=2) + ["partition.num_devices=2", f"method={method}"]
+    overrides = tiny_run_overrides(tiny_encoder_dir, rounds) + ["partition.num_devices=2", f"method={method}", *extra]
     Simulation(load_config(None, overrides), tmp_path / "inprocess").run()
     flower_config = load_config(None, overrides + ["federation.runtime=flower"])
     summary = run_flower_simulation(flower_config, tmp_path / "flower", state_dir=tmp_path / "node-states")
@@ -49,7 +56,7 @@ def test_flower_simulation_matches_inprocess(tiny_encoder_dir, tmp_path, method)
     assert set(checkpoint["device_states"]) == {0, 1}
     for device, expected in checkpoint["device_states"].items():
         node = torch.load(tmp_path / "node-states" / f"device-{device}.pt", weights_only=False)
-        assert node["participations"] == expected["participations"] == 2
+        assert node["participations"] == expected["participations"] == rounds
         _assert_close(expected["personal"], node["personal"], f"device {device} personal")
         assert set(node["extra"]) == set(expected["extra"])
         for key, value in expected["extra"].items():
@@ -64,7 +71,10 @@ def test_flower_simulation_matches_inprocess(tiny_encoder_dir, tmp_path, method)
 
     # The same metrics, bytes aside (measured on Flower's messages, which also carry the round's settings).
     rows_a, rows_b = _rows(tmp_path / "inprocess" / "metrics.jsonl"), _rows(tmp_path / "flower" / "metrics.jsonl")
-    assert [r["round"] for r in rows_b] == [0, 1, 2]
+    assert [r["round"] for r in rows_b] == list(range(rounds + 1))
+    if extra:
+        layers = [set(r["aggregated_layers"] or []) for r in rows_b[2:]]
+        assert any(before - after for before, after in zip(layers, layers[1:])), "no layer left the aggregated ones"
     for a, b in zip(rows_a, rows_b):
         for key in ("devices", "failed_devices", "aggregated_layers", "curriculum_fraction", "trained_personal"):
             assert a.get(key) == b.get(key), key
