@@ -23,8 +23,8 @@ def quiet_libraries() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from fibecfed import runtimes
     from fibecfed.config import load_config
-    from fibecfed.simulator import Simulation
 
     config = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
@@ -33,10 +33,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"fibecfed run: {config.method.name} on {config.data.name} with {config.model.name}, "
           f"{config.partition.num_devices} devices, {config.federation.rounds} rounds, "
           f"{config.federation.runtime} runtime -> {out}", file=sys.stderr)
-    if config.federation.runtime == "flower":
-        summary = run_on_flower(config, out)
-    else:
-        summary = Simulation(config, out, progress=not args.no_progress).run()
+    summary = runtimes.run(config, out, progress=not args.no_progress)
     print(
         f"accuracy {summary['initial_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
         f"(best {summary['best_accuracy']:.3f}, majority class {summary['majority_rate']:.3f}); "
@@ -47,15 +44,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     print(f"outputs in {out}: metrics.jsonl, summary.json, accuracy.png, adapter/")
     return 0
-
-
-def run_on_flower(config, out: Path) -> dict:
-    """federation.runtime=flower: the same run on Flower's simulation runtime (no resume)."""
-    try:
-        from fibecfed.flower.simulation import run_flower_simulation
-    except ImportError as exc:
-        raise FibecfedError(f"{exc} (or set federation.runtime=inprocess)") from None
-    return run_flower_simulation(config, out)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ Pure functions, no I/O. Adapter states travel as ArrayRecords keyed by peft stat
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 

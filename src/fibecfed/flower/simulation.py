@@ -3,11 +3,11 @@ virtual SuperNode per device."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from fibecfed import outputs
 from fibecfed.config import RunConfig
 from fibecfed.data.loaders import load_task
 from fibecfed.data.partition import partition_task
@@ -46,6 +46,4 @@ def run_flower_simulation(
     summary = out / "summary.json"
     if not summary.is_file():
         raise FibecfedError(f"the Flower simulation ended without {summary}; see the log above for the ServerApp's error")
-    import json
-
     return json.loads(summary.read_text())

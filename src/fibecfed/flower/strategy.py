@@ -101,7 +101,7 @@ class FibecFedStrategy(Strategy):
         logger.info("devices on nodes: %s", self.nodes)
 
     def _device_of(self, reply: Message) -> int:
-        return next(d for d, n in self.nodes.items() if n == reply.metadata.src_node_id)
+        return {n: d for d, n in self.nodes.items()}[reply.metadata.src_node_id]
 
     # -- Training -----------------------------------------------------------------------------
 
