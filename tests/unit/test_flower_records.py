@@ -44,3 +44,25 @@ def test_device_update_round_trips():
     assert back.personalized == update.personalized
     assert (back.device, back.num_samples, back.steps, back.trained_personal) == (1, 40, 2, True)
     assert records.adapter_bytes(records.update_content(update)) < records.content_bytes(records.update_content(update))
+
+
+def test_train_message_carries_the_plan_and_the_stale_keys():
+    from types import SimpleNamespace
+
+    from fibecfed.federated import SparseSettings
+
+    plan = SimpleNamespace(
+        round_num=3, state={"layer.0.lora_A.weight": torch.ones(2, 2)}, exchanged_keys=["layer.0.lora_A.weight"],
+        own_start_keys=[], warmup=False, sparse=SparseSettings(share=0.2), probe=None,
+    )
+    stale = {"layer.1.lora_A.weight": torch.full((2, 2), 3.0)}
+    fingerprint = records.state_fingerprint({**plan.state, **stale})
+    content = records.train_content(plan, 2, '{"seed": 0}', stale, fingerprint)
+    order = records.read_train_content(content)
+    assert (order.round_num, order.device, order.exchanged_keys, order.own_start_keys) == (3, 2, plan.exchanged_keys, [])
+    assert order.sparse == plan.sparse and order.probe is None and order.initial_fingerprint == fingerprint
+    assert set(order.global_values) == {"layer.0.lora_A.weight", "layer.1.lora_A.weight"}
+    assert torch.equal(order.global_values["layer.1.lora_A.weight"], stale["layer.1.lora_A.weight"])
+    # Stale keys are adapter bytes too (counted as download).
+    assert records.adapter_bytes(content) == sum(content.array_records[n].count_bytes() for n in (records.GLOBAL, records.STALE))
+    assert records.state_fingerprint(plan.state) != fingerprint

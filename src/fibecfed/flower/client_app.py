@@ -43,6 +43,7 @@ class NodeData:
     config: RunConfig
     prepared: Prepared
     initial_state: dict[str, torch.Tensor]
+    initial_fingerprint: str
 
 
 # The prepared model and data, per process and run config: loading and tokenising happen once,
@@ -56,7 +57,8 @@ def node_data(config_json: str) -> NodeData:
         _PREPARED.clear()  # one run at a time: do not keep an old run's model alive
         config = records.decode_config(config_json)
         prepared = prepare(config)
-        cached = NodeData(config, prepared, prepared.runner.state())
+        initial = prepared.runner.state()
+        cached = NodeData(config, prepared, initial, records.state_fingerprint(initial))
         _PREPARED[config_json] = cached
     return cached
 
@@ -89,6 +91,12 @@ def train(msg: Message, context: Context, state_dir: str | Path | None = None) -
     order = records.read_train_content(msg.content)
     device = _check_device(order.device, context)
     data = node_data(order.config_json)
+    if order.initial_fingerprint != data.initial_fingerprint:
+        # The node fills the keys it neither receives nor holds from its own initial adapter.
+        raise RuntimeError(
+            f"device {device}: this node's initial adapter differs from the server's (fingerprint "
+            f"{data.initial_fingerprint}, server {order.initial_fingerprint}): model files or library versions differ"
+        )
     state = records.device_state_from_records(context.state)
     global_values = {**data.initial_state, **order.global_values}
     update = train_device(

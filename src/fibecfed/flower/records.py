@@ -6,6 +6,7 @@ Pure functions, no I/O. Adapter states travel as ArrayRecords keyed by peft stat
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,6 +51,15 @@ def adapter_bytes(content: RecordDict) -> int:
     return sum(content.array_records[name].count_bytes() for name in (GLOBAL, STALE, UPDATE) if name in content.array_records)
 
 
+def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """A hash of named tensors: the server and a node check they start from the same initial adapter."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def encode_config(config: RunConfig) -> str:
     """The resolved run config as JSON: nodes need no run_config of their own."""
     return json.dumps(config_to_dict(config), sort_keys=True)
@@ -72,6 +82,7 @@ class TrainOrder:
     sparse: SparseSettings | None
     probe: ProbeSettings | None
     global_values: AdapterState  # exchanged keys, plus the stale non-exchanged keys the node lacks
+    initial_fingerprint: str  # of the server's initial global adapter (state_fingerprint)
 
 
 def _settings_to_json(settings: Any) -> str:
@@ -79,7 +90,7 @@ def _settings_to_json(settings: Any) -> str:
 
 
 def train_content(
-    plan: Any, device: int, config_json: str, stale: Mapping[str, torch.Tensor]
+    plan: Any, device: int, config_json: str, stale: Mapping[str, torch.Tensor], initial_fingerprint: str
 ) -> RecordDict:
     """A train message for `device` from a server.RoundPlan."""
     content = RecordDict({
@@ -94,6 +105,7 @@ def train_content(
             "sparse": _settings_to_json(plan.sparse),
             "probe": _settings_to_json(plan.probe),
             "config": config_json,
+            "initial-fingerprint": initial_fingerprint,
         }),
     })
     if stale:
@@ -117,6 +129,7 @@ def read_train_content(content: RecordDict) -> TrainOrder:
         sparse=None if sparse is None else SparseSettings(**sparse),
         probe=None if probe is None else ProbeSettings(**probe),
         global_values=values,
+        initial_fingerprint=str(cfg["initial-fingerprint"]),
     )
 
 

@@ -66,6 +66,7 @@ class FibecFedStrategy(Strategy):
         self.config_json = records.encode_config(config)
         # The model as loaded: the run's initial global state; every node rebuilds the same one.
         self.initial_state = prepared.runner.state()
+        self.initial_fingerprint = records.state_fingerprint(self.initial_state)
         num_devices = len(prepared.train_parts)
         settings = server_settings(config, num_devices, len(transformer_layers(prepared.runner.loaded.model)))
         self.server = Server(settings, self.initial_state)
@@ -146,7 +147,9 @@ class FibecFedStrategy(Strategy):
         pending.plan = plan
         messages = []
         for device in plan.devices:
-            content = records.train_content(plan, device, self.config_json, self.stale_values(device, plan.exchanged_keys))
+            content = records.train_content(
+                plan, device, self.config_json, self.stale_values(device, plan.exchanged_keys), self.initial_fingerprint
+            )
             pending.download[device] = pending.download.get(device, 0) + records.content_bytes(content)
             pending.adapter[device] = pending.adapter.get(device, 0) + records.adapter_bytes(content)
             messages.append(Message(content, dst_node_id=self.nodes[device], message_type=MessageType.TRAIN))
