@@ -93,6 +93,10 @@ class FibecFedStrategy(Strategy):
                 logger.warning("node %d did not say its partition id: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
             device = int(reply.content.config_records["node"]["partition-id"])
+            if not 0 <= device < num_devices:
+                logger.warning("node %d has partition-id=%d, outside this run's %d devices: left out",
+                               reply.metadata.src_node_id, device, num_devices)
+                continue
             if device in self.nodes:
                 raise FibecfedError(f"two SuperNodes have partition-id={device}")
             self.nodes[device] = reply.metadata.src_node_id
