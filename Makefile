@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# Pinned first: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[hf,test]'
+	$(BIN)/python -m pip install --quiet -e '.[hf,test,flower]'
 	$(BIN)/python -m pip install --quiet --no-deps $(PACKAGED)
 	touch $(STAMP)
 

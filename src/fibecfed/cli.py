@@ -23,16 +23,17 @@ def quiet_libraries() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from fibecfed import runtimes
     from fibecfed.config import load_config
-    from fibecfed.simulator import Simulation
 
     config = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if args.fresh and (out / "checkpoint.pt").exists():
         (out / "checkpoint.pt").unlink()
     print(f"fibecfed run: {config.method.name} on {config.data.name} with {config.model.name}, "
-          f"{config.partition.num_devices} devices, {config.federation.rounds} rounds -> {out}", file=sys.stderr)
-    summary = Simulation(config, out, progress=not args.no_progress).run()
+          f"{config.partition.num_devices} devices, {config.federation.rounds} rounds, "
+          f"{config.federation.runtime} runtime -> {out}", file=sys.stderr)
+    summary = runtimes.run(config, out, progress=not args.no_progress)
     print(
         f"accuracy {summary['initial_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
         f"(best {summary['best_accuracy']:.3f}, majority class {summary['majority_rate']:.3f}); "

@@ -716,7 +716,7 @@ def compare(
     sweep_mbps: link speeds at which to recompute the time to target from the runs' device costs.
     report_only: rebuild the report from finished run folders without running anything.
     """
-    from fibecfed.simulator import Simulation
+    from fibecfed import runtimes
 
     if metric not in ("accuracy", "f1", "mcc"):
         raise ConfigError(f"--metric must be accuracy, f1 or mcc, got {metric!r}")
@@ -741,7 +741,7 @@ def compare(
                 if not (run_dir / "summary.json").is_file():
                     raise ConfigError(f"no finished run in {run_dir}; run the comparison without --report-only")
             else:
-                (run_one or (lambda c, d: Simulation(c, d, progress=progress).run()))(configs[(m.label, seed)], run_dir)
+                (run_one or (lambda c, d: runtimes.run(c, d, progress=progress)))(configs[(m.label, seed)], run_dir)
             runs[m.label].append(score_rows(outputs.read_metrics(run_dir / "metrics.jsonl"), metric))
 
     ref_alone = summarise({reference: runs[reference]}, None, reference)[reference]

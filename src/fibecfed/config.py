@@ -173,6 +173,10 @@ class FederationConfig:
     # predictions of all devices pooled into one score.
     personalized_eval: bool = True
     device_eval_samples: int | None = 200
+    # Where the devices run: "inprocess" (one model, devices in turn: fibecfed.simulator) or
+    # "flower" (Flower's simulation runtime, one ClientApp per device: fibecfed.flower; needs
+    # the `flower` extra). Same server, same results up to float rounding.
+    runtime: Literal["inprocess", "flower"] = "inprocess"
 
     def _check(self, issues: list[str]) -> None:
         if self.rounds < 1:

@@ -209,6 +209,18 @@ class RoundPlan:
 
 
 @dataclass(frozen=True)
+class MeasuredTransfer:
+    """Bytes a runtime measured on its wire in one round, replacing the server's estimates
+    (serialized safetensors sizes): per device, all it downloaded (probe and training messages)
+    and all it uploaded; `fedavg_bytes`: what the devices that sent an update would have moved
+    both ways in the same runtime had their messages carried the whole adapter (FedAvg)."""
+
+    download: Mapping[int, int]
+    upload: Mapping[int, int]
+    fedavg_bytes: int
+
+
+@dataclass(frozen=True)
 class RoundResult:
     """A finished round, before its evaluation (which the runtime does)."""
 
@@ -349,12 +361,16 @@ class Server:
             probe_upload=probe_upload,
         )
 
-    def finish_round(self, plan: RoundPlan, updates: Sequence[DeviceUpdate], failed: Sequence[int]) -> RoundResult:
+    def finish_round(
+        self, plan: RoundPlan, updates: Sequence[DeviceUpdate], failed: Sequence[int],
+        measured: MeasuredTransfer | None = None,
+    ) -> RoundResult:
         """Aggregate the valid updates into the global state, choose the layers from the
         devices' probes when the plan asked for them, and count the round's costs.
 
         `updates`: what the devices that finished sent, in plan.devices order; `failed`: the
-        devices that did not finish (they downloaded, but sent nothing).
+        devices that did not finish (they downloaded, but sent nothing). `measured`: the bytes a
+        transport counted on its wire (None: the serialized sizes of the tensors).
         """
         s = self.settings
         good, dropped = valid_updates(updates)
@@ -367,11 +383,15 @@ class Server:
         # first round only by the part that did not fit in the time before it.
         costs = []
         for u in updates:
-            upload = plan.probe_upload.get(u.device, 0)
-            if u.layer_scores is not None:
-                upload += serialized_nbytes({"layer_scores": u.layer_scores})
+            if measured is not None:
+                download, upload = measured.download[u.device], measured.upload[u.device]
+            else:
+                download = plan.download_bytes
+                upload = plan.probe_upload.get(u.device, 0) + serialized_nbytes(u.state)
+                if u.layer_scores is not None:
+                    upload += serialized_nbytes({"layer_scores": u.layer_scores})
             seconds = u.compute_seconds + plan.probe_seconds.get(u.device, 0.0)
-            costs.append([seconds, plan.download_bytes, serialized_nbytes(u.state) + upload, u.background_seconds])
+            costs.append([seconds, download, upload, u.background_seconds])
         totals = self.totals
         sim_round = simulated_round_seconds(
             [c + max(0.0, bg - totals["sim_time_s"]) for c, _, _, bg in costs],
@@ -381,13 +401,15 @@ class Server:
         )
         compute_round = max((c + max(0.0, bg - totals["compute_time_s"]) for c, _, _, bg in costs), default=0.0)
         upload_sizes = [u for _, _, u, _ in costs]
-        download_sizes = [plan.download_bytes] * (len(updates) + len(failed))
+        failed_downloads = [measured.download[d] if measured is not None else plan.download_bytes for d in failed]
+        download_sizes = [d for _, d, _, _ in costs] + failed_downloads
         totals["upload_bytes"] += sum(upload_sizes)
         totals["download_bytes"] += sum(download_sizes)
         totals["sim_time_s"] += sim_round
         totals["compute_time_s"] += compute_round
         # What FedAvg would have sent for the same devices: the full adapter both ways.
-        totals["bytes_saved"] += 2 * plan.full_bytes * len(updates) - sum(upload_sizes) - plan.download_bytes * len(updates)
+        fedavg_bytes = measured.fedavg_bytes if measured is not None else 2 * plan.full_bytes * len(updates)
+        totals["bytes_saved"] += fedavg_bytes - sum(upload_sizes) - sum(d for _, d, _, _ in costs)
 
         personal = [(u.personalized, u.personalized_count) for u in good if u.personalized]
         fields: dict[str, Any] = {
@@ -432,6 +454,7 @@ class Server:
 
 __all__ = [
     "LayerProbe",
+    "MeasuredTransfer",
     "NOT_EVALUATED",
     "ProbeRequest",
     "RoundPlan",

@@ -36,6 +36,8 @@ from fibecfed.federated import (
     DeviceUpdate,
     LocalTrainSettings,
     ModelRunner,
+    ProbeSettings,
+    SparseSettings,
     device_layer_scores,
     device_round,
 )
@@ -222,6 +224,63 @@ def personalized_metrics(
     return classification_metrics(torch.cat(preds), torch.as_tensor(torch.cat([torch.as_tensor(x) for x in labels])), num_classes)
 
 
+def compute_clock_of(config: RunConfig, prepared: Prepared) -> Callable[[], float]:
+    """The clock for devices' simulated compute seconds (federation.compute_clock)."""
+    return compute_clock(config.federation.compute_clock, prepared.runner.loaded.device)
+
+
+def train_device(
+    config: RunConfig,
+    prepared: Prepared,
+    device: int,
+    round_num: int,
+    global_state: dict,
+    state: DeviceState,
+    initial_state: dict,
+    *,
+    exchanged_keys: list[str],
+    own_start_keys: list[str],
+    sparse: SparseSettings | None,
+    probe: ProbeSettings | None,
+) -> DeviceUpdate:
+    """One device's round on its own partition (every runtime's device side): `device_round`
+    with the run's settings. `global_state` must hold the exchanged keys and the global value
+    of every non-exchanged key that `state.personal` lacks."""
+    return device_round(
+        prepared.runner,
+        device,
+        round_num,
+        config.seed,
+        global_state,
+        state,
+        prepared.train,
+        prepared.train_parts[device],
+        train_settings(config),
+        test=prepared.test if config.federation.personalized_eval else None,
+        test_indices=prepared.device_eval_indices[device],
+        num_classes=len(prepared.task.label_names),
+        exchanged_keys=exchanged_keys,
+        clock=compute_clock_of(config, prepared),
+        curriculum=curriculum_settings(config),
+        sparse=sparse,
+        initial_state=initial_state,
+        probe=probe,
+        own_start_keys=own_start_keys,
+    )
+
+
+def probe_device(
+    config: RunConfig, prepared: Prepared, device: int, round_num: int, global_state: dict, settings: ProbeSettings
+) -> LayerProbe:
+    """A device's layer sensitivities (L,) of the global model, before the round (ProbeRequest)."""
+    part = prepared.train_parts[device]
+    scores, seconds = device_layer_scores(
+        prepared.runner, prepared.train, part, global_state, settings.probe_samples, settings.noise_scale,
+        settings.measure, config.seed, round_num, device, clock=compute_clock_of(config, prepared),
+    )
+    return LayerProbe(scores, seconds, len(part))
+
+
 class Simulation:
     """Run `config` in-process, writing into `out_dir`."""
 
@@ -302,16 +361,7 @@ class Simulation:
 
     def _probe_global_model(self, prepared: Prepared, global_state: dict, request: ProbeRequest) -> dict[int, LayerProbe]:
         """The requested devices' layer sensitivities (L,) of the global model, before the round."""
-        probes = {}
-        for device in request.devices:
-            part = prepared.train_parts[device]
-            scores, seconds = device_layer_scores(
-                prepared.runner, prepared.train, part, global_state, request.settings.probe_samples,
-                request.settings.noise_scale, request.settings.measure, self.config.seed, request.round_num, device,
-                clock=self._compute_clock(prepared),
-            )
-            probes[device] = LayerProbe(scores, seconds, len(part))
-        return probes
+        return {d: probe_device(self.config, prepared, d, request.round_num, global_state, request.settings) for d in request.devices}
 
     def _train_devices(
         self, prepared: Prepared, plan: RoundPlan, global_state: dict, device_states: dict[int, DeviceState],
@@ -323,7 +373,6 @@ class Simulation:
         every device's state from before the round (for the server's dropped updates).
         """
         cfg = self.config
-        settings, curriculum = train_settings(cfg), curriculum_settings(cfg)
         updates: list[DeviceUpdate] = []
         failed: list[int] = []
         backups: dict[int, DeviceState] = {}
@@ -332,28 +381,12 @@ class Simulation:
             backup = copy.deepcopy(state)
             backups[device] = backup
             try:
-                update = device_round(
-                    prepared.runner,
-                    device,
-                    plan.round_num,
-                    cfg.seed,
-                    # The whole global state: a device's first participation starts its personal
-                    # layers from their global values.
-                    global_state,
-                    state,
-                    prepared.train,
-                    prepared.train_parts[device],
-                    settings,
-                    test=prepared.test if cfg.federation.personalized_eval else None,
-                    test_indices=prepared.device_eval_indices[device],
-                    num_classes=len(prepared.task.label_names),
-                    exchanged_keys=plan.exchanged_keys,
-                    clock=self._compute_clock(prepared),
-                    curriculum=curriculum,
-                    sparse=plan.sparse,
-                    initial_state=initial_state,
+                # The whole global state: a device's first participation starts its personal
+                # layers from their global values.
+                update = train_device(
+                    cfg, prepared, device, plan.round_num, global_state, state, initial_state,
+                    exchanged_keys=plan.exchanged_keys, own_start_keys=plan.own_start_keys, sparse=plan.sparse,
                     probe=plan.probe,
-                    own_start_keys=plan.own_start_keys,
                 )
             except NonFiniteLossError as exc:
                 logger.warning("device %d failed in round %d (%s); it is left out of this round", device, plan.round_num, exc)
@@ -382,9 +415,7 @@ class Simulation:
         test part, predictions pooled (the lineage's personalised score). A device's model is its
         personal entries of the layers that are not aggregated now, over the current global state."""
         runner = prepared.runner
-        runner.load_state(global_state)
-        central = runner.evaluate(prepared.test, prepared.eval_indices, self.config.train.eval_batch_size, num_classes)
-        row = {"accuracy": central["accuracy"], "f1": central["f1"], "mcc": central["mcc"], "test_loss": central["loss"]}
+        row = central_evaluation(prepared, global_state, self.config.train.eval_batch_size, num_classes)
         if self.config.federation.personalized_eval:
             shared = set(exchanged or [])
             personal = {d: {k: v for k, v in s.personal.items() if k not in shared} for d, s in device_states.items()}
@@ -395,48 +426,59 @@ class Simulation:
             row["personalized_accuracy"] = None
         return row
 
-    def _compute_clock(self, prepared: Prepared) -> Callable[[], float]:
-        """The clock for devices' simulated compute seconds (federation.compute_clock)."""
-        return compute_clock(self.config.federation.compute_clock, prepared.runner.loaded.device)
-
     def _finish(self, prepared: Prepared, global_state: dict, history: list[dict[str, Any]]) -> dict[str, Any]:
-        runner = prepared.runner
-        runner.load_state(global_state)
-        adapter_dir = self.out / "adapter"
-        # peft's own format: PeftModel.from_pretrained(base_model, adapter_dir) loads it.
-        runner.loaded.model.save_pretrained(adapter_dir)
-        runner.loaded.tokenizer.save_pretrained(adapter_dir)
-        evaluated = [r for r in history if r.get("accuracy") is not None]
-        labels = prepared.task.test.labels
-        majority = max(labels.count(c) for c in set(labels)) / len(labels) if labels else None
-        last = history[-1]
-        summary = {
-            "method": self.config.method.name,
-            "model": self.config.model.name,
-            "data": prepared.task.name,
-            "rounds": last["round"],
-            "num_devices": len(prepared.train_parts),
-            "label_names": prepared.task.label_names,
-            "majority_rate": majority,
-            "initial_accuracy": evaluated[0]["accuracy"] if evaluated else None,
-            "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
-            "best_accuracy": max(r["accuracy"] for r in evaluated) if evaluated else None,
-            "final_f1": evaluated[-1].get("f1") if evaluated else None,
-            "final_mcc": evaluated[-1].get("mcc") if evaluated else None,
-            "headline_metric": prepared.task.metric,
-            # Every device's own model on its own test part, pooled, at the last evaluation.
-            "final_personalized_accuracy": evaluated[-1].get("personalized_accuracy") if evaluated else None,
-            "final_sampled_personalized_accuracy": last.get("sampled_personalized_accuracy"),
-            "wall_time_s": last["wall_time_s"],
-            "sim_time_s": last["sim_time_s"],
-            "compute_time_s": last.get("compute_time_s"),
-            "upload_bytes": last["upload_bytes"],
-            "download_bytes": last["download_bytes"],
-            "trainable_parameters": sum(v.numel() for v in global_state.values()),
-            "adapter_dir": str(adapter_dir),
-        }
-        outputs.write_json(self.out / "summary.json", summary)
-        outputs.plot_metrics(
-            history, self.out / "accuracy.png", title=f"{self.config.method.name} on {prepared.task.name}", majority=majority
-        )
-        return summary
+        return write_run_outputs(self.config, self.out, prepared, global_state, history)
+
+
+def central_evaluation(prepared: Prepared, global_state: dict, batch_size: int, num_classes: int) -> dict[str, Any]:
+    """The global model on the central test subset (federation.eval_samples): a metrics row's fields."""
+    runner = prepared.runner
+    runner.load_state(global_state)
+    central = runner.evaluate(prepared.test, prepared.eval_indices, batch_size, num_classes)
+    return {"accuracy": central["accuracy"], "f1": central["f1"], "mcc": central["mcc"], "test_loss": central["loss"]}
+
+
+def write_run_outputs(
+    config: RunConfig, out: Path, prepared: Prepared, global_state: dict, history: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The files every runtime leaves: adapter/ (peft format), summary.json, accuracy.png."""
+    runner = prepared.runner
+    runner.load_state(global_state)
+    adapter_dir = out / "adapter"
+    # peft's own format: PeftModel.from_pretrained(base_model, adapter_dir) loads it.
+    runner.loaded.model.save_pretrained(adapter_dir)
+    runner.loaded.tokenizer.save_pretrained(adapter_dir)
+    evaluated = [r for r in history if r.get("accuracy") is not None]
+    labels = prepared.task.test.labels
+    majority = max(labels.count(c) for c in set(labels)) / len(labels) if labels else None
+    last = history[-1]
+    summary = {
+        "method": config.method.name,
+        "model": config.model.name,
+        "data": prepared.task.name,
+        "rounds": last["round"],
+        "num_devices": len(prepared.train_parts),
+        "label_names": prepared.task.label_names,
+        "majority_rate": majority,
+        "initial_accuracy": evaluated[0]["accuracy"] if evaluated else None,
+        "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
+        "best_accuracy": max(r["accuracy"] for r in evaluated) if evaluated else None,
+        "final_f1": evaluated[-1].get("f1") if evaluated else None,
+        "final_mcc": evaluated[-1].get("mcc") if evaluated else None,
+        "headline_metric": prepared.task.metric,
+        # Every device's own model on its own test part, pooled, at the last evaluation.
+        "final_personalized_accuracy": evaluated[-1].get("personalized_accuracy") if evaluated else None,
+        "final_sampled_personalized_accuracy": last.get("sampled_personalized_accuracy"),
+        "wall_time_s": last["wall_time_s"],
+        "sim_time_s": last["sim_time_s"],
+        "compute_time_s": last.get("compute_time_s"),
+        "upload_bytes": last["upload_bytes"],
+        "download_bytes": last["download_bytes"],
+        "trainable_parameters": sum(v.numel() for v in global_state.values()),
+        "adapter_dir": str(adapter_dir),
+    }
+    outputs.write_json(out / "summary.json", summary)
+    outputs.plot_metrics(
+        history, out / "accuracy.png", title=f"{config.method.name} on {prepared.task.name}", majority=majority
+    )
+    return summary

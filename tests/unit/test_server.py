@@ -10,7 +10,7 @@ import torch
 from fibecfed.accounting import serialized_nbytes
 from fibecfed.config import LayerSelectionConfig
 from fibecfed.federated import DeviceUpdate
-from fibecfed.server import LayerProbe, Server, ServerSettings, sample_devices
+from fibecfed.server import LayerProbe, MeasuredTransfer, Server, ServerSettings, sample_devices
 
 HEAD = "base_model.model.classifier.weight"
 
@@ -86,6 +86,21 @@ def test_finish_round_averages_the_exchanged_keys_by_data_size():
     assert row["sim_time_s"] == round(max(1.0, 2.0) + (down + up) * 1e-6, 3)
     assert row["wall_time_s"] == 0.5 and row["accuracy"] == 0.75 and row["round"] == 2
     assert server.round == 2 and server.history == [row]
+
+
+def test_bytes_measured_by_a_transport_replace_the_estimates():
+    server = server_with_layers([0])
+    plan = server.plan_round(2)
+    a, b = plan.devices
+    c = next(d for d in range(4) if d not in plan.devices)  # not sampled: never asked
+    updates = [update(a, {k: v + 1 for k, v in plan.state.items()}, 1, compute_seconds=1.0)]
+    measured = MeasuredTransfer(download={a: 500, b: 700, c: 0}, upload={a: 300, b: 0, c: 0}, fedavg_bytes=5000)
+    row = server.record_round(server.finish_round(plan, updates, [b], measured), None, wall_seconds=0.1)
+    assert row["device_costs"] == [[1.0, 500, 300, 0.0]]
+    assert row["download_bytes"] == 500 + 700  # the failed device downloaded too
+    assert row["upload_bytes"] == row["round_upload_bytes"] == 300
+    assert row["bytes_saved_vs_fedavg"] == 5000 - 300 - 500
+    assert row["failed_devices"] == [b]
 
 
 def test_non_finite_update_is_rejected():

@@ -1,0 +1,165 @@
+"""The Flower ClientApp: one SuperNode is one device (its partition id from the node config).
+
+Each handler only decodes, calls fibecfed's device-side functions (the same `train_device`,
+`probe_device` the in-process simulator calls) and encodes. The device's private state
+(DeviceState: personal adapter entries, Fisher momentum, difficulty scores) lives in
+`Context.state` as records and never leaves the node.
+
+Non-exchanged keys. `device_round` reads the global value of a key it does not exchange when the
+device lacks a personal value for it: at the device's first round, and for a layer that has just
+stopped being aggregated. The node rebuilds the initial global state itself (the same pretrained
+model and the same seeded LoRA and head initialisation as the server's `prepare`), so a key whose
+global value is still the initial one costs nothing; the server sends the global values of the
+other such keys ("stale" keys: aggregated once, not now) with the plan, and those bytes are
+counted as download (see strategy.FibecFedStrategy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fibecfed import outputs
+from fibecfed.aggregation import has_non_finite
+from fibecfed.config import RunConfig
+from fibecfed.federated import ProbeSettings
+from fibecfed.flower import records
+from fibecfed.simulator import Prepared, prepare, probe_device, train_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeData:
+    """A node's prepared data and model, and the run's initial global adapter."""
+
+    config: RunConfig
+    prepared: Prepared
+    initial_state: dict[str, torch.Tensor]
+    initial_fingerprint: str
+
+
+# The prepared model and data, per process and run config: loading and tokenising happen once,
+# not every round (a SuperNode's ClientApp process, or a simulation actor, serves many rounds).
+_PREPARED: dict[str, NodeData] = {}
+
+
+def node_data(config_json: str) -> NodeData:
+    cached = _PREPARED.get(config_json)
+    if cached is None:
+        _PREPARED.clear()  # one run at a time: do not keep an old run's model alive
+        config = records.decode_config(config_json)
+        prepared = prepare(config)
+        initial = prepared.runner.state()
+        cached = NodeData(config, prepared, initial, records.state_fingerprint(initial))
+        _PREPARED[config_json] = cached
+    return cached
+
+
+def partition_id(context: Context) -> int:
+    """This node's device: `partition-id` of the node config (the simulation runtime sets it)."""
+    if "partition-id" not in context.node_config:
+        raise ValueError("this SuperNode has no partition-id: start it with --node-config 'partition-id=N'")
+    return int(context.node_config["partition-id"])
+
+
+def _check_device(order_device: int, context: Context) -> int:
+    device = partition_id(context)
+    if order_device != device:
+        raise ValueError(f"a message for device {order_device} reached the node of partition {device}")
+    return device
+
+
+def identify(msg: Message, context: Context) -> Message:
+    """Which device this node is (the server maps devices to nodes with it)."""
+    return Message(RecordDict({"node": ConfigRecord({"partition-id": partition_id(context)})}), reply_to=msg)
+
+
+def train(msg: Message, context: Context, state_dir: str | Path | None = None) -> Message:
+    """One round of local training (`device_round`); the private state is kept only if the
+    update is finite (the server drops a non-finite update, so the device keeps its old state,
+    as in the simulator). With a state folder (node config `state-dir`, or `state_dir`) the node
+    also saves its state there after each round, on its own disk (to inspect it, or to keep it
+    over a SuperNode restart)."""
+    order = records.read_train_content(msg.content)
+    device = _check_device(order.device, context)
+    data = node_data(order.config_json)
+    if order.initial_fingerprint != data.initial_fingerprint:
+        # The node fills the keys it neither receives nor holds from its own initial adapter.
+        raise RuntimeError(
+            f"device {device}: this node's initial adapter differs from the server's (fingerprint "
+            f"{data.initial_fingerprint}, server {order.initial_fingerprint}): model files or library versions differ"
+        )
+    state = records.device_state_from_records(context.state)
+    global_values = {**data.initial_state, **order.global_values}
+    update = train_device(
+        data.config, data.prepared, device, order.round_num, global_values, state, data.initial_state,
+        exchanged_keys=order.exchanged_keys, own_start_keys=order.own_start_keys, sparse=order.sparse,
+        probe=order.probe,
+    )
+    if has_non_finite(update.state):
+        logger.warning("device %d: non-finite update in round %d; its state stays as before", device, order.round_num)
+    else:
+        records.store_device_state(context.state, state)
+        folder = context.node_config.get("state-dir") or state_dir
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            outputs.save_checkpoint(Path(folder) / f"device-{device}.pt", dataclasses.asdict(state))
+    return Message(records.update_content(update), reply_to=msg)
+
+
+def probe(msg: Message, context: Context) -> Message:
+    """Layer sensitivities (L,) of the global model before the round (server.ProbeRequest)."""
+    cfg = msg.content.config_records[records.ROUND]
+    device = _check_device(int(cfg["device"]), context)
+    data = node_data(str(cfg["config"]))
+    global_state = {**data.initial_state, **records.record_to_state(msg.content.array_records[records.GLOBAL])}
+    settings = ProbeSettings(**json.loads(cfg["probe"]))
+    result = probe_device(data.config, data.prepared, device, int(cfg["round"]), global_state, settings)
+    return Message(RecordDict({
+        records.LAYER_SCORES: records.state_to_record({"scores": result.scores}),
+        records.UPDATE_INFO: ConfigRecord({"seconds": float(result.seconds), "num-samples": result.num_samples}),
+    }), reply_to=msg)
+
+
+def evaluate(msg: Message, context: Context) -> Message:
+    """Personalised evaluation: this device's own model (its personal entries of the layers not
+    exchanged this round, over the new global state) on its own test part; the predictions go
+    back, and the server pools every device's into one score (as the simulator does)."""
+    cfg = msg.content.config_records[records.ROUND]
+    device = _check_device(int(cfg["device"]), context)
+    data = node_data(str(cfg["config"]))
+    runner, prepared = data.prepared.runner, data.prepared
+    global_state = records.record_to_state(msg.content.array_records[records.GLOBAL])
+    shared = set(json.loads(cfg["exchanged-keys"]))
+    personal = records.device_state_from_records(context.state).personal
+    runner.load_state(global_state)
+    runner.load_state({k: v for k, v in personal.items() if k not in shared}, strict=False)
+    part = prepared.device_eval_indices[device]
+    preds = runner.predictions(prepared.test, part, data.config.train.eval_batch_size) if part else torch.zeros(0)
+    labels = torch.as_tensor(prepared.test.labels[part]) if part else torch.zeros(0)
+    return Message(records.predictions_content(preds, labels), reply_to=msg)
+
+
+def make_client_app(state_dir: str | Path | None = None) -> ClientApp:
+    """The ClientApp; `state_dir`: where nodes also save their private state (see `train`)."""
+    app = ClientApp()
+    app.query()(identify)
+
+    @app.train()
+    def train_round(msg: Message, context: Context) -> Message:
+        return train(msg, context, state_dir)
+
+    app.train("probe")(probe)
+    app.evaluate()(evaluate)
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,64 @@
+"""The Flower ServerApp: prepares the run, maps devices to SuperNodes, and lets the strategy
+drive `fibecfed.server.Server` round by round; writes the same files as `fibecfed run`.
+
+Run config (pyproject.toml [tool.flwr.app.config], or `flwr run . --run-config ...`):
+`config` (a YAML file or preset name; "" = the default), `overrides` (space-separated
+key=value, as on the fibecfed command line), `out` (the run folder, on the SuperLink's machine).
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fibecfed import outputs
+from fibecfed.config import RunConfig, config_to_dict, load_config
+from fibecfed.flower import records
+from fibecfed.flower.strategy import FibecFedStrategy
+from fibecfed.simulator import prepare, write_run_outputs
+
+logger = logging.getLogger(__name__)
+
+
+def run_server(grid: Grid, config: RunConfig, out: Path, timeout: float = 3600.0) -> dict[str, Any]:
+    """The whole run on the server side; returns the summary (also in out/summary.json)."""
+    out.mkdir(parents=True, exist_ok=True)
+    outputs.write_json(out / "config.json", config_to_dict(config))
+    prepared = prepare(config)
+    strategy = FibecFedStrategy(config, prepared, out / "metrics.jsonl", timeout=timeout)
+    strategy.connect(grid)
+    strategy.start(
+        grid,
+        initial_arrays=records.state_to_record(strategy.server.global_state),
+        num_rounds=config.federation.rounds,
+        timeout=timeout,
+        evaluate_fn=strategy.evaluate_fn,
+    )
+    return write_run_outputs(config, out, prepared, strategy.server.global_state, strategy.server.history)
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> tuple[RunConfig, Path]:
+    """The fibecfed config and run folder from Flower's run config."""
+    overrides = shlex.split(str(run_config.get("overrides", "")))
+    config = load_config(str(run_config.get("config", "")) or None, overrides)
+    return config, Path(str(run_config.get("out", "runs/flower")))
+
+
+def make_server_app(config: RunConfig | None = None, out: Path | None = None) -> ServerApp:
+    """A ServerApp for `config` and `out`, or (None) for those of Flower's run config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg, folder = (config, out) if config is not None else config_from_run_config(dict(context.run_config))
+        run_server(grid, cfg, Path(folder))
+
+    return app
+
+
+app = make_server_app()

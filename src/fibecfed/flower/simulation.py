@@ -1,0 +1,49 @@
+"""`fibecfed run federation.runtime=flower`: the run on Flower's simulation runtime (Ray), one
+virtual SuperNode per device."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from fibecfed.config import RunConfig
+from fibecfed.data.loaders import load_task
+from fibecfed.data.partition import partition_task
+from fibecfed.errors import FibecfedError
+
+logger = logging.getLogger(__name__)
+
+
+def num_devices(config: RunConfig) -> int:
+    """The partition's device count (under the natural partition, the data's groups decide it)."""
+    if config.partition.scheme != "natural":
+        return config.partition.num_devices
+    task = load_task(config.data, config.seed)
+    return len(partition_task(task, config.partition, config.seed, config.data.group_column is not None)[0])
+
+
+def run_flower_simulation(
+    config: RunConfig, out: str | Path, *, cpus_per_node: float = 1.0, state_dir: str | Path | None = None,
+    client_app: Any = None,
+) -> dict[str, Any]:
+    """Run `config` with the ServerApp and ClientApp on Flower's simulation runtime; returns
+    the summary. `client_app`: another ClientApp (tests), default fibecfed's."""
+    from flwr.simulation import run_simulation
+
+    from fibecfed.flower.client_app import make_client_app
+    from fibecfed.flower.server_app import make_server_app
+
+    out = Path(out)
+    (out / "summary.json").unlink(missing_ok=True)
+    run_simulation(
+        server_app=make_server_app(config, out),
+        client_app=client_app if client_app is not None else make_client_app(state_dir),
+        num_supernodes=num_devices(config),
+        backend_config={"client_resources": {"num_cpus": cpus_per_node, "num_gpus": 0.0}},
+    )
+    summary = out / "summary.json"
+    if not summary.is_file():
+        raise FibecfedError(f"the Flower simulation ended without {summary}; see the log above for the ServerApp's error")
+    return json.loads(summary.read_text())

@@ -1,0 +1,267 @@
+"""A Flower Strategy over fibecfed's transport-free server.
+
+Flower's `Strategy.start` runs the rounds (configure_train, send through the Grid,
+aggregate_train, configure_evaluate, send, aggregate_evaluate, evaluate_fn); every decision is
+`fibecfed.server.Server`'s, exactly as in the in-process simulator:
+
+    configure_train    server.probe_request -> probe messages -> server.plan_round -> train messages
+    aggregate_train    decode the replies -> server.finish_round (bytes measured on the messages)
+    configure_evaluate personalised evaluation: every node's own model, when some keys are personal
+    aggregate_evaluate pool the nodes' predictions into one score
+    evaluate_fn        the global model on the central test subset -> server.record_round
+
+Stock FedAvg would refuse replies with differing key sets and replace the whole global record;
+here the server merges the aggregated keys into its global state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fibecfed import outputs
+from fibecfed.config import RunConfig
+from fibecfed.errors import FibecfedError
+from fibecfed.evaluation import classification_metrics
+from fibecfed.flower import records
+from fibecfed.layers import transformer_layers
+from fibecfed.server import LayerProbe, MeasuredTransfer, ProbeRequest, RoundPlan, RoundResult, Server, server_settings
+from fibecfed.simulator import Prepared, central_evaluation, personalized_metrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundInFlight:
+    """One round between configure_train and evaluate_fn."""
+
+    started: float
+    plan: RoundPlan | None = None
+    download: dict[int, int] = field(default_factory=dict)  # bytes per device, measured on the messages
+    upload: dict[int, int] = field(default_factory=dict)
+    adapter: dict[int, int] = field(default_factory=dict)  # bytes of adapter entries in those, both ways
+    result: RoundResult | None = None
+    personalized: dict[str, Any] | None = None  # pooled metrics from the nodes
+
+
+class FibecFedStrategy(Strategy):
+    """Drives `Server` through a Flower Grid; one SuperNode per device."""
+
+    def __init__(self, config: RunConfig, prepared: Prepared, metrics_path: Path, timeout: float = 3600.0):
+        self.config = config
+        self.prepared = prepared
+        self.metrics_path = metrics_path
+        self.timeout = timeout
+        self.num_classes = len(prepared.task.label_names)
+        self.config_json = records.encode_config(config)
+        # The model as loaded: the run's initial global state; every node rebuilds the same one.
+        self.initial_state = prepared.runner.state()
+        self.initial_fingerprint = records.state_fingerprint(self.initial_state)
+        num_devices = len(prepared.train_parts)
+        settings = server_settings(config, num_devices, len(transformer_layers(prepared.runner.loaded.model)))
+        self.server = Server(settings, self.initial_state)
+        self.full_bytes = records.state_to_record(self.initial_state).count_bytes()
+        self.nodes: dict[int, int] = {}  # device -> Flower node id
+        # Device -> the personal keys its node holds (after its last kept update): what it lacks
+        # of the non-exchanged keys, the server must send when their global value is not the initial one.
+        self.held: dict[int, set[str]] = {}
+        self.pending: RoundInFlight | None = None
+
+    # -- Nodes --------------------------------------------------------------------------------
+
+    def connect(self, grid: Grid, wait_s: float = 600.0) -> None:
+        """Map each device to its node: ask every node its partition id (a query message)."""
+        num_devices = len(self.prepared.train_parts)
+        deadline = time.monotonic() + wait_s
+        node_ids = list(grid.get_node_ids())
+        while len(node_ids) < num_devices and time.monotonic() < deadline:
+            time.sleep(1.0)
+            node_ids = list(grid.get_node_ids())
+        messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+        for reply in grid.send_and_receive(messages, timeout=self.timeout):
+            if reply.has_error():
+                logger.warning("node %d did not say its partition id: %s", reply.metadata.src_node_id, reply.error.reason)
+                continue
+            device = int(reply.content.config_records["node"]["partition-id"])
+            if not 0 <= device < num_devices:
+                logger.warning("node %d has partition-id=%d, outside this run's %d devices: left out",
+                               reply.metadata.src_node_id, device, num_devices)
+                continue
+            if device in self.nodes:
+                raise FibecfedError(f"two SuperNodes have partition-id={device}")
+            self.nodes[device] = reply.metadata.src_node_id
+        missing = [d for d in range(num_devices) if d not in self.nodes]
+        if missing:
+            raise missing_nodes_error(missing, num_devices)
+        logger.info("devices on nodes: %s", self.nodes)
+
+    def _device_of(self, reply: Message) -> int:
+        return {n: d for d, n in self.nodes.items()}[reply.metadata.src_node_id]
+
+    # -- Training -----------------------------------------------------------------------------
+
+    def _probe(self, grid: Grid, request: ProbeRequest, pending: RoundInFlight) -> dict[int, LayerProbe]:
+        """The requested devices' sensitivities of the global model (method.layers.select_after=0)."""
+        messages = []
+        for device in request.devices:
+            content = RecordDict({
+                records.GLOBAL: records.state_to_record(self.server.global_state),
+                records.ROUND: ConfigRecord({
+                    "round": request.round_num, "device": device, "config": self.config_json,
+                    "probe": json.dumps(vars(request.settings)),
+                }),
+            })
+            pending.download[device] = pending.download.get(device, 0) + records.content_bytes(content)
+            messages.append(Message(content, dst_node_id=self.nodes[device], message_type=f"{MessageType.TRAIN}.probe"))
+        probes = {}
+        for reply in grid.send_and_receive(messages, timeout=self.timeout):
+            device = self._device_of(reply)
+            if reply.has_error():
+                logger.warning("device %d failed its probe in round %d: %s", device, request.round_num, reply.error.reason)
+                continue
+            pending.upload[device] = pending.upload.get(device, 0) + records.content_bytes(reply.content)
+            info = reply.content.config_records[records.UPDATE_INFO]
+            scores = records.record_to_state(reply.content.array_records[records.LAYER_SCORES])["scores"]
+            probes[device] = LayerProbe(scores, float(info["seconds"]), int(info["num-samples"]))
+        return probes
+
+    def stale_values(self, device: int, exchanged: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Global values of non-exchanged keys the device lacks and cannot rebuild (not initial)."""
+        held = self.held.get(device, set())
+        skip = set(exchanged) | held
+        state = self.server.global_state
+        return {k: v for k, v in state.items() if k not in skip and not torch.equal(v, self.initial_state[k])}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        pending = RoundInFlight(started=time.perf_counter())
+        self.pending = pending
+        request = self.server.probe_request(server_round)
+        probes = self._probe(grid, request, pending) if request is not None else None
+        plan = self.server.plan_round(server_round, probes)
+        pending.plan = plan
+        messages = []
+        for device in plan.devices:
+            content = records.train_content(
+                plan, device, self.config_json, self.stale_values(device, plan.exchanged_keys), self.initial_fingerprint
+            )
+            pending.download[device] = pending.download.get(device, 0) + records.content_bytes(content)
+            pending.adapter[device] = pending.adapter.get(device, 0) + records.adapter_bytes(content)
+            messages.append(Message(content, dst_node_id=self.nodes[device], message_type=MessageType.TRAIN))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        pending = self.pending
+        plan = pending.plan
+        received = {}
+        for reply in replies:
+            device = self._device_of(reply)
+            if reply.has_error():
+                logger.warning("device %d failed in round %d: %s", device, server_round, reply.error.reason)
+                continue
+            pending.upload[device] = pending.upload.get(device, 0) + records.content_bytes(reply.content)
+            pending.adapter[device] = pending.adapter.get(device, 0) + records.adapter_bytes(reply.content)
+            received[device] = records.read_update_content(reply.content)
+        # In plan order, as the server expects; a device that sent nothing (error, timeout) failed.
+        updates = [received[d] for d in plan.devices if d in received]
+        failed = [d for d in plan.devices if d not in received]
+        for device in plan.devices:
+            pending.upload.setdefault(device, 0)
+        # FedAvg's messages: the same, with the whole adapter both ways instead of the entries sent.
+        fedavg = sum(pending.download[d] + pending.upload[d] - pending.adapter[d] + 2 * self.full_bytes for d in received)
+        measured = MeasuredTransfer(download=pending.download, upload=pending.upload, fedavg_bytes=fedavg)
+        result = self.server.finish_round(plan, updates, failed, measured)
+        pending.result = result
+        personal_keys = set(self.server.keys) - set(plan.exchanged_keys)
+        for update in updates:
+            if update.device not in result.dropped:
+                self.held[update.device] = personal_keys
+        metrics = {"failed-devices": len(result.fields["failed_devices"])}
+        if result.fields["loss"] is not None:
+            metrics["loss"] = float(result.fields["loss"])
+        return records.state_to_record(self.server.global_state), MetricRecord(metrics)
+
+    # -- Evaluation ---------------------------------------------------------------------------
+
+    def _personal_on_nodes(self, plan: RoundPlan) -> bool:
+        """Whether a device's own model can differ from the global one this round."""
+        return self.config.federation.personalized_eval and set(plan.exchanged_keys) != set(self.server.keys)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        pending = self.pending
+        if pending is None or pending.result is None or not pending.result.evaluate or not self._personal_on_nodes(pending.plan):
+            return []
+        global_record = records.state_to_record(self.server.global_state)
+        messages = []
+        for device, node in sorted(self.nodes.items()):
+            content = RecordDict({
+                records.GLOBAL: global_record,
+                records.ROUND: ConfigRecord({
+                    "round": server_round, "device": device, "config": self.config_json,
+                    "exchanged-keys": json.dumps(pending.plan.exchanged_keys),
+                }),
+            })
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE))
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        preds, labels = [], []
+        for reply in replies:
+            if reply.has_error():
+                logger.warning("device %d failed its evaluation in round %d: %s", self._device_of(reply), server_round, reply.error.reason)
+                continue
+            p, y = records.read_predictions(reply.content)
+            preds.append(p)
+            labels.append(y)
+        if not preds:
+            return None
+        pooled = classification_metrics(torch.cat(preds), torch.cat(labels), self.num_classes)
+        self.pending.personalized = {f"personalized_{k}": v for k, v in pooled.items()}
+        return MetricRecord({k: float(v) for k, v in self.pending.personalized.items() if v is not None})
+
+    def _evaluation(self, personalized: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The metrics row's evaluation fields, as the simulator writes them."""
+        batch = self.config.train.eval_batch_size
+        row = central_evaluation(self.prepared, self.server.global_state, batch, self.num_classes)
+        if not self.config.federation.personalized_eval:
+            row["personalized_accuracy"] = None
+        elif personalized is not None:
+            row.update(personalized)
+        else:
+            # No device model differs from the global one: the server scores the devices' test parts itself.
+            pooled = personalized_metrics(self.prepared.runner, self.prepared.test, self.prepared.device_eval_indices,
+                                          self.server.global_state, {}, batch, self.num_classes)
+            row.update({f"personalized_{k}": v for k, v in pooled.items()})
+        return row
+
+    def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Round 0: the starting point. Later: evaluate when due and write the metrics row."""
+        if server_round == 0:
+            row = self.server.record_start(self._evaluation(None))
+        else:
+            pending = self.pending
+            evaluation = self._evaluation(pending.personalized) if pending.result.evaluate else None
+            row = self.server.record_round(pending.result, evaluation, time.perf_counter() - pending.started)
+            self.pending = None
+        outputs.write_metrics(self.metrics_path, self.server.history)
+        return MetricRecord({"accuracy": float(row["accuracy"])}) if row.get("accuracy") is not None else None
+
+    def summary(self) -> None:
+        logger.info("fibecfed %s: %d devices, %d per round", self.config.method.name,
+                    len(self.prepared.train_parts), self.config.federation.devices_per_round)
+
+
+def missing_nodes_error(missing: list[int], num_devices: int) -> FibecfedError:
+    return FibecfedError(
+        f"no SuperNode for devices {missing[:5]}: the run has {num_devices} devices; start one SuperNode per "
+        f"device with --node-config 'partition-id=N num-partitions={num_devices}' (N = 0..{num_devices - 1})"
+    )

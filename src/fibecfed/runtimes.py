@@ -1,0 +1,23 @@
+"""One run of a config on the runtime it names (federation.runtime): in-process or Flower."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fibecfed.config import RunConfig
+from fibecfed.errors import FibecfedError
+
+
+def run(config: RunConfig, out: str | Path, progress: bool = False) -> dict[str, Any]:
+    """Run `config` into `out`; return the summary. The in-process runtime resumes an unfinished
+    run in `out`; the Flower runtime starts over (the devices' states were on the nodes)."""
+    if config.federation.runtime == "flower":
+        try:
+            from fibecfed.flower.simulation import run_flower_simulation
+        except ImportError as exc:
+            raise FibecfedError(f"{exc} (or set federation.runtime=inprocess)") from None
+        return run_flower_simulation(config, out)
+    from fibecfed.simulator import Simulation
+
+    return Simulation(config, out, progress=progress).run()

@@ -1,0 +1,140 @@
+"""The Flower runtime against the in-process simulator: Flower's simulation runtime (Ray), real
+ServerApp and ClientApps, a tiny model, 400 real tweets, two devices, two rounds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from fibecfed.config import load_config  # noqa: E402
+from fibecfed.simulator import CHECKPOINT, Simulation  # noqa: E402
+from tests.conftest import tiny_run_overrides  # noqa: E402
+
+pytestmark = pytest.mark.flower
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _assert_close(a, b, what):
+    assert set(a) == set(b), what
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6, equal_nan=True), f"{what}: {key}"
+
+
+# FibecFed with the layers chosen anew after every round: a layer that leaves the aggregated ones
+# reaches a device that lacks its global value, which the server then sends (the "stale" keys).
+REFRESH = ["method.layers.refresh_every=1", "method.layers.share=0.5"]
+
+
+@pytest.mark.parametrize(("method", "extra", "rounds"), [
+    ("fedavg", [], 2), ("fibecfed", [], 2), ("fibecfed", REFRESH, 4),
+], ids=["fedavg", "fibecfed", "fibecfed-layers-leave"])
+def test_flower_simulation_matches_inprocess(tiny_encoder_dir, tmp_path, method, extra, rounds):
+    from fibecfed.flower.simulation import run_flower_simulation
+
+    overrides = tiny_run_overrides(tiny_encoder_dir, rounds) + ["partition.num_devices=2", f"method={method}", *extra]
+    Simulation(load_config(None, overrides), tmp_path / "inprocess").run()
+    flower_config = load_config(None, overrides + ["federation.runtime=flower"])
+    summary = run_flower_simulation(flower_config, tmp_path / "flower", state_dir=tmp_path / "node-states")
+
+    # The same global adapter (compute timings differ; states do not).
+    _assert_close(
+        load_file(tmp_path / "inprocess" / "adapter" / "adapter_model.safetensors"),
+        load_file(tmp_path / "flower" / "adapter" / "adapter_model.safetensors"),
+        "global adapter",
+    )
+    # The same private state on every device: personal entries, Fisher momentum, difficulty scores.
+    checkpoint = torch.load(tmp_path / "inprocess" / CHECKPOINT, weights_only=False)
+    assert set(checkpoint["device_states"]) == {0, 1}
+    for device, expected in checkpoint["device_states"].items():
+        node = torch.load(tmp_path / "node-states" / f"device-{device}.pt", weights_only=False)
+        assert node["participations"] == expected["participations"] == rounds
+        _assert_close(expected["personal"], node["personal"], f"device {device} personal")
+        assert set(node["extra"]) == set(expected["extra"])
+        for key, value in expected["extra"].items():
+            if isinstance(value, torch.Tensor):
+                _assert_close({key: value}, {key: node["extra"][key]}, f"device {device} extra")
+            elif isinstance(value, dict):
+                _assert_close(value, node["extra"][key], f"device {device} extra {key}")
+            else:
+                assert node["extra"][key] == value
+    if method == "fibecfed":
+        assert checkpoint["device_states"][0]["personal"]  # layers that are not aggregated stay on the device
+
+    # The same metrics, bytes aside (measured on Flower's messages, which also carry the round's settings).
+    rows_a, rows_b = _rows(tmp_path / "inprocess" / "metrics.jsonl"), _rows(tmp_path / "flower" / "metrics.jsonl")
+    assert [r["round"] for r in rows_b] == list(range(rounds + 1))
+    if extra:
+        layers = [set(r["aggregated_layers"] or []) for r in rows_b[2:]]
+        assert any(before - after for before, after in zip(layers, layers[1:])), "no layer left the aggregated ones"
+    for a, b in zip(rows_a, rows_b):
+        for key in ("devices", "failed_devices", "aggregated_layers", "curriculum_fraction", "trained_personal"):
+            assert a.get(key) == b.get(key), key
+        for key in ("accuracy", "personalized_accuracy", "sampled_personalized_accuracy", "loss", "layer_scores"):
+            assert a.get(key) == pytest.approx(b.get(key), abs=1e-6), key
+    for a, b in zip(rows_a[1:], rows_b[1:]):
+        # Per device: the adapter entries exchanged plus a few kB of settings (config JSON, keys).
+        for (_, down_a, up_a, _), (_, down_b, up_b, _) in zip(a["device_costs"], b["device_costs"]):
+            assert abs(down_b - down_a) <= 20_000 and abs(up_b - up_a) <= 10_000
+    assert rows_b[-1]["bytes_saved_vs_fedavg"] == 0 if method == "fedavg" else rows_b[-1]["bytes_saved_vs_fedavg"] > 0
+    for name in ("config.json", "summary.json", "accuracy.png", "adapter/adapter_model.safetensors"):
+        assert (tmp_path / "flower" / name).is_file(), name
+    assert summary["final_accuracy"] == rows_b[-1]["accuracy"]
+
+
+def _client_app_failing_in_round_one(failing_device: int):
+    """fibecfed's ClientApp, except that one node raises in round 1 (a real failure on a real node)."""
+    from flwr.clientapp import ClientApp
+
+    from fibecfed.flower import client_app
+
+    app = ClientApp()
+    app.query()(client_app.identify)
+    app.evaluate()(client_app.evaluate)
+
+    @app.train()
+    def train(msg, context):
+        if client_app.partition_id(context) == failing_device and msg.content.config_records["round"]["round"] == 1:
+            raise RuntimeError("this node breaks down in round 1")
+        return client_app.train(msg, context)
+
+    return app
+
+
+def test_a_failing_node_is_counted_and_the_run_completes(tiny_encoder_dir, tmp_path):
+    from fibecfed.flower.simulation import run_flower_simulation
+
+    overrides = tiny_run_overrides(tiny_encoder_dir, rounds=2) + ["partition.num_devices=2", "method=fibecfed"]
+    config = load_config(None, overrides + ["federation.runtime=flower"])
+    summary = run_flower_simulation(config, tmp_path, client_app=_client_app_failing_in_round_one(0))
+    rows = _rows(tmp_path / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[1]["failed_devices"] == [0] and rows[2]["failed_devices"] == []
+    # The failed device downloaded but sent nothing: one upload in round 1, two in round 2.
+    assert len(rows[1]["device_costs"]) == 1 and len(rows[2]["device_costs"]) == 2
+    assert rows[1]["download_bytes"] > 0 and rows[2]["accuracy"] is not None
+    assert summary["rounds"] == 2
+
+
+def test_cli_runs_on_flower(tiny_encoder_dir, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    args = [*tiny_run_overrides(tiny_encoder_dir, rounds=1), "partition.num_devices=2", "federation.runtime=flower"]
+    result = subprocess.run([sys.executable, "-m", "fibecfed.cli", "run", "--out", str(out), *args],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "flower runtime" in result.stderr
+    rows = _rows(out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["upload_bytes"] > 0
+    for name in ("summary.json", "accuracy.png", "adapter/adapter_model.safetensors"):
+        assert (out / name).is_file(), name

@@ -1,0 +1,68 @@
+"""The Flower wire format: fibecfed objects survive the trip through Flower records bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import RecordDict  # noqa: E402
+
+from fibecfed.federated import DeviceState, DeviceUpdate  # noqa: E402
+from fibecfed.flower import records  # noqa: E402
+
+
+def test_device_state_round_trips_through_context_state():
+    state = DeviceState(
+        personal={"a.layer.0.lora_A.weight": torch.randn(2, 4)},
+        participations=3,
+        extra={"scores": torch.tensor([0.5, float("nan")]), "scored_round": 0,
+               "fisher": {"a.layer.0.lora_A.weight": torch.rand(2, 4)}},
+    )
+    context_state = RecordDict()
+    records.store_device_state(context_state, DeviceState(personal={"old": torch.zeros(1)}))
+    records.store_device_state(context_state, state)
+    back = records.device_state_from_records(context_state)
+    assert back.participations == 3 and back.extra["scored_round"] == 0
+    assert set(back.personal) == set(state.personal)
+    assert torch.equal(back.personal["a.layer.0.lora_A.weight"], state.personal["a.layer.0.lora_A.weight"])
+    assert torch.equal(back.extra["fisher"]["a.layer.0.lora_A.weight"], state.extra["fisher"]["a.layer.0.lora_A.weight"])
+    assert torch.allclose(back.extra["scores"], state.extra["scores"], equal_nan=True)
+    assert records.device_state_from_records(RecordDict()) == DeviceState()
+
+
+def test_device_update_round_trips():
+    update = DeviceUpdate(
+        device=1, state={"h.weight": torch.randn(3, 2)}, num_samples=40, loss=0.7, compute_seconds=1.5, steps=2,
+        personalized={"accuracy": 0.5, "f1": 0.4}, personalized_count=20, curriculum_fraction=0.6, pool_size=24,
+        layer_scores=torch.tensor([1.0, 2.0]), trained_personal=True,
+    )
+    back = records.read_update_content(records.update_content(update))
+    assert torch.equal(back.state["h.weight"], update.state["h.weight"])
+    assert torch.equal(back.layer_scores, update.layer_scores)
+    assert back.personalized == update.personalized
+    assert (back.device, back.num_samples, back.steps, back.trained_personal) == (1, 40, 2, True)
+    assert records.adapter_bytes(records.update_content(update)) < records.content_bytes(records.update_content(update))
+
+
+def test_train_message_carries_the_plan_and_the_stale_keys():
+    from types import SimpleNamespace
+
+    from fibecfed.federated import SparseSettings
+
+    plan = SimpleNamespace(
+        round_num=3, state={"layer.0.lora_A.weight": torch.ones(2, 2)}, exchanged_keys=["layer.0.lora_A.weight"],
+        own_start_keys=[], warmup=False, sparse=SparseSettings(share=0.2), probe=None,
+    )
+    stale = {"layer.1.lora_A.weight": torch.full((2, 2), 3.0)}
+    fingerprint = records.state_fingerprint({**plan.state, **stale})
+    content = records.train_content(plan, 2, '{"seed": 0}', stale, fingerprint)
+    order = records.read_train_content(content)
+    assert (order.round_num, order.device, order.exchanged_keys, order.own_start_keys) == (3, 2, plan.exchanged_keys, [])
+    assert order.sparse == plan.sparse and order.probe is None and order.initial_fingerprint == fingerprint
+    assert set(order.global_values) == {"layer.0.lora_A.weight", "layer.1.lora_A.weight"}
+    assert torch.equal(order.global_values["layer.1.lora_A.weight"], stale["layer.1.lora_A.weight"])
+    # Stale keys are adapter bytes too (counted as download).
+    assert records.adapter_bytes(content) == sum(content.array_records[n].count_bytes() for n in (records.GLOBAL, records.STALE))
+    assert records.state_fingerprint(plan.state) != fingerprint
