@@ -177,8 +177,13 @@ class FederationConfig:
     # "flower" (Flower's simulation runtime, one ClientApp per device: fibecfed.flower; needs
     # the `flower` extra). Same server, same results up to float rounding.
     runtime: Literal["inprocess", "flower"] = "inprocess"
+    # Flower runtime: how long the server waits for a round's replies; a device that has not
+    # answered by then (crashed, hung, cut off) counts as failed and the round aggregates the rest.
+    device_timeout_s: float = 3600.0
 
     def _check(self, issues: list[str]) -> None:
+        if self.device_timeout_s <= 0:
+            issues.append(f"federation.device_timeout_s must be > 0, got {self.device_timeout_s}")
         if self.rounds < 1:
             issues.append(f"federation.rounds must be >= 1, got {self.rounds}")
         if self.devices_per_round < 1:

@@ -111,3 +111,9 @@ def test_learning_rates_default_to_the_methods_tuned_ones(method):
     assert (config.train.lr, config.train.head_lr) == TUNED_LEARNING_RATES[method]
     mine = load_config("bench", [f"method={method}", "train.lr=0.0007", "train.head_lr=0.07"])
     assert (mine.train.lr, mine.train.head_lr) == (0.0007, 0.07)
+
+
+def test_device_timeout_must_be_positive():
+    assert load_config(None, ["federation.device_timeout_s=30"]).federation.device_timeout_s == 30.0
+    with pytest.raises(ConfigError, match="federation.device_timeout_s must be > 0"):
+        load_config(None, ["federation.device_timeout_s=0"])

@@ -25,8 +25,12 @@ from fibecfed.simulator import prepare, write_run_outputs
 logger = logging.getLogger(__name__)
 
 
-def run_server(grid: Grid, config: RunConfig, out: Path, timeout: float = 3600.0) -> dict[str, Any]:
-    """The whole run on the server side; returns the summary (also in out/summary.json)."""
+def run_server(grid: Grid, config: RunConfig, out: Path, timeout: float | None = None) -> dict[str, Any]:
+    """The whole run on the server side; returns the summary (also in out/summary.json).
+
+    `timeout` (default: federation.device_timeout_s) bounds each round's wait for replies.
+    """
+    timeout = config.federation.device_timeout_s if timeout is None else timeout
     out.mkdir(parents=True, exist_ok=True)
     outputs.write_json(out / "config.json", config_to_dict(config))
     prepared = prepare(config)
