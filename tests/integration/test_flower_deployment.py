@@ -1,15 +1,19 @@
 """Flower's deployment runtime on loopback: a real SuperLink, two real SuperNodes (one per
-device), `flwr run .` against them, the run's status from `flwr list`, the metrics it wrote."""
+device), `flwr run .` against them, the run's status from `flwr list`, the metrics it wrote.
+Once in plaintext (`--insecure`), once as across machines: TLS with a throwaway CA and SuperNode
+authentication with registered ECDSA P-384 keys (README, "Beyond one machine: Flower", part 3)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,12 +48,23 @@ def flwr(*args: str, env: dict, cwd: Path, timeout: int = 120) -> subprocess.Com
     return subprocess.run([str(BIN / "flwr"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
-def test_flwr_run_on_a_loopback_deployment(tiny_encoder_dir, tmp_path):
+def run_deployment(
+    tiny_encoder_dir: Path,
+    tmp_path: Path,
+    connection: str,
+    link_flags: list[str],
+    node_flags: Callable[[int], list[str]],
+    before_nodes: Callable[[dict, Callable[..., subprocess.Popen], str], None] = lambda env, start, address: None,
+) -> None:
+    """A SuperLink, two SuperNodes (partition-id 0 and 1), `flwr run` of a one-round FedAvg on the
+    tiny model, then the run's status and metrics; every process started is stopped at the end.
+    `connection` is the body of the `[superlink.loopback]` table (without its address);
+    `before_nodes(env, start, superlink_address)` runs once the SuperLink listens (to register node keys)."""
     home = tmp_path / "flwr-home"
     home.mkdir()
     link_port = free_port()
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link_port}"\n{connection}'
     )
     # The venv's flwr-serverapp / flwr-clientapp first on PATH: the SuperLink and SuperNodes start them.
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -65,13 +80,15 @@ def test_flwr_run_on_a_loopback_deployment(tiny_encoder_dir, tmp_path):
         return process
 
     try:
-        link = start("superlink", "flower-superlink", "--insecure", "--port", str(link_port),
+        link = start("superlink", "flower-superlink", *link_flags, "--port", str(link_port),
                      "--disable-runtime-dependency-installation")
         wait_for_port(link_port, link)
+        before_nodes(env, start, f"127.0.0.1:{link_port}")
         for device in (0, 1):
             node_port = free_port()
-            node = start(f"supernode-{device}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                         "--port", str(node_port), "--node-config", f"partition-id={device} num-partitions=2")
+            node = start(f"supernode-{device}", "flower-supernode", *node_flags(device),
+                         "--superlink", f"127.0.0.1:{link_port}", "--port", str(node_port),
+                         "--node-config", f"partition-id={device} num-partitions=2")
             wait_for_port(node_port, node)
 
         out = tmp_path / "run"
@@ -109,6 +126,73 @@ def test_flwr_run_on_a_loopback_deployment(tiny_encoder_dir, tmp_path):
             except subprocess.TimeoutExpired:
                 _signal_group(process, signal.SIGKILL)
                 process.wait(timeout=10)
+
+
+def test_flwr_run_on_a_loopback_deployment(tiny_encoder_dir, tmp_path):
+    run_deployment(tiny_encoder_dir, tmp_path, "insecure = true\n", ["--insecure"], lambda device: ["--insecure"])
+
+
+def make_certificates(folder: Path) -> None:
+    """A throwaway CA (ca.crt) and a server certificate it signs (server.pem, server.key) for
+    127.0.0.1 and localhost, as Flower's generate_cert.sh makes them."""
+    folder.mkdir()
+
+    def openssl(*args: str) -> None:
+        done = subprocess.run(["openssl", *args], cwd=folder, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+            "-subj", "/CN=fibecfed test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=localhost")
+    (folder / "san.ext").write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "1", "-extfile", "san.ext")
+
+
+def make_node_key(path: Path) -> None:
+    """An ECDSA P-384 key pair in OpenSSH format, as `ssh-keygen -t ecdsa -b 384 -N "" -f path` makes it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+    path.with_suffix(".pub").write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_flwr_run_on_a_loopback_deployment_with_tls_and_supernode_auth(tiny_encoder_dir, tmp_path):
+    certs, keys = tmp_path / "certificates", tmp_path / "keys"
+    make_certificates(certs)
+    keys.mkdir()
+    for name in ("node_0", "node_1", "stranger"):
+        make_node_key(keys / name)
+
+    def register_nodes(env: dict, start: Callable[..., subprocess.Popen], superlink: str) -> None:
+        for device in (0, 1):
+            registered = flwr("supernode", "register", str(keys / f"node_{device}.pub"), "loopback", "--format", "json",
+                              env=env, cwd=tmp_path)
+            assert registered.returncode == 0, registered.stdout + registered.stderr
+            assert json.loads(registered.stdout)["success"] is True
+        # A node whose key was not registered is refused (and gives up after one retry).
+        stranger = start("supernode-stranger", "flower-supernode", "--root-certificates", str(certs / "ca.crt"),
+                         "--auth-supernode-private-key", str(keys / "stranger"), "--max-retries", "1",
+                         "--superlink", superlink, "--port", str(free_port()),
+                         "--node-config", "partition-id=0 num-partitions=2")
+        assert stranger.wait(timeout=90) != 0
+        assert "Failed to activate SuperNode" in (tmp_path / "supernode-stranger.log").read_text()
+
+    run_deployment(
+        tiny_encoder_dir, tmp_path,
+        f'root-certificates = "{certs / "ca.crt"}"\n',
+        ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
+         "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth"],
+        lambda device: ["--root-certificates", str(certs / "ca.crt"), "--auth-supernode-private-key",
+                        str(keys / f"node_{device}")],
+        register_nodes,
+    )
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
