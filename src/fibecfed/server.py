@@ -206,6 +206,9 @@ class RoundPlan:
     # Cost of the pre-round probe (ProbeRequest) per sampled device: seconds and upload bytes.
     probe_seconds: dict[int, float] = field(default_factory=dict)
     probe_upload: dict[int, int] = field(default_factory=dict)
+    # Whether the server chose the layers before this round (from probes of the global model, or
+    # a policy without scores): the round's metrics row reports the scores of that choice.
+    chosen_before: bool = False
 
 
 @dataclass(frozen=True)
@@ -321,7 +324,8 @@ class Server:
         sampled = self._sample(round_num)
         probe_seconds = {d: 0.0 for d in sampled}
         probe_upload = {d: 0 for d in sampled}
-        if layers_due(s.layers, self.selection, round_num):
+        chosen_before = layers_due(s.layers, self.selection, round_num)
+        if chosen_before:
             if s.layers.policy in PROBED_POLICIES:
                 answered = [d for d in sampled if probes is not None and d in probes]
                 if not answered:
@@ -359,6 +363,7 @@ class Server:
             full_bytes=serialized_nbytes(self.global_state),
             probe_seconds=probe_seconds,
             probe_upload=probe_upload,
+            chosen_before=chosen_before,
         )
 
     def finish_round(
@@ -419,7 +424,8 @@ class Server:
             "curriculum_fraction": weighted_mean([(u.curriculum_fraction, u.num_samples) for u in updates]),
             "aggregated_layers": plan.aggregated_layers,
         }
-        if plan.probe is not None:
+        if plan.probe is not None or plan.chosen_before:
+            # The scores of the choice made after this round (probe) or before it.
             fields["layer_scores"] = self.selection["layer_scores"]
         fields.update({
             "trained_personal": sum(u.trained_personal for u in updates),

@@ -84,11 +84,6 @@ def test_a_choice_before_round_1_is_the_top_share_of_the_probes_of_the_initial_m
     assert chosen == expected
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "metrics.jsonl reports layer_scores only in rounds whose devices probed their trained models "
-    "(server.finish_round: plan.probe); a choice made before a round from probes of the global model "
-    "(select_after=0, and its refreshes) is never reported, so it cannot be checked from the outputs"
-))
 def test_a_choice_before_a_round_reports_the_scores_it_was_made_from(tiny_encoder_dir, tmp_path):
     config = load_config(None, tiny_run_overrides(tiny_encoder_dir, rounds=1) + SELECT_BEFORE)
     Simulation(config, tmp_path).run()
