@@ -89,7 +89,9 @@ class FibecFedStrategy(Strategy):
             time.sleep(1.0)
             node_ids = list(grid.get_node_ids())
         messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-        for reply in grid.send_and_receive(messages, timeout=self.timeout):
+        # The nodes' first answer includes their start-up: wait for it as long as for the nodes
+        # to appear, even when the rounds' deadline (federation.device_timeout_s) is shorter.
+        for reply in grid.send_and_receive(messages, timeout=max(self.timeout, wait_s)):
             if reply.has_error():
                 logger.warning("node %d did not say its partition id: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
