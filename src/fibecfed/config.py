@@ -180,7 +180,9 @@ class FaultsConfig:
     in-process runtime cannot pre-empt a device, so there the device does not train and the
     server counts it as timed out, the round's simulated time including the whole
     federation.device_timeout_s it waited (set that to a realistic deadline when injecting
-    hangs). On the Flower runtime the node really sleeps past the deadline.
+    hangs). On the Flower runtime the node really sleeps past the deadline. Faults hit the
+    training rounds, not the probes of the global model (method.layers.select_after=0) nor the
+    evaluations.
     """
 
     share: float = 0.0

@@ -587,7 +587,9 @@ def aggregate_updates(
     return merge_state(global_state, weighted_average(states, weights))
 
 
-def check_update(update: DeviceUpdate, expected: Mapping[str, torch.Tensor], num_layers: int | None = None) -> UpdateProblem | None:
+def check_update(
+    update: DeviceUpdate, expected: Mapping[str, torch.Tensor], num_layers: int | None = None
+) -> UpdateProblem | None:
     """Why the server cannot aggregate `update`, or None: its state must be exactly the keys of
     `expected` (the global values the server sent), same shapes and dtypes, all finite; and its
     layer scores, if any, a finite (num_layers,) vector the round asked for (num_layers: the

@@ -47,7 +47,8 @@ def test_which_devices_are_faulty_is_a_draw_from_seed_round_and_device():
     assert round_faults(0, 2, [4, 9], 0.3, KINDS) == {4: "raise", 9: "dtype"}
     assert round_faults(1, 2, range(10), 0.3, KINDS) != round_faults(0, 2, range(10), 0.3, KINDS)
     assert round_faults(0, 1, range(10), 0.0, KINDS) == {}
-    assert set(round_faults(0, 1, range(10), 1.0, ["hang"]).values()) == {"hang"} and len(round_faults(0, 1, range(10), 1.0, KINDS)) == 10
+    assert set(round_faults(0, 1, range(10), 1.0, ["hang"]).values()) == {"hang"}
+    assert len(round_faults(0, 1, range(10), 1.0, KINDS)) == 10
 
 
 def test_the_share_and_the_kinds_hold_over_many_draws():
