@@ -117,20 +117,3 @@ def test_device_timeout_must_be_positive():
     assert load_config(None, ["federation.device_timeout_s=30"]).federation.device_timeout_s == 30.0
     with pytest.raises(ConfigError, match="federation.device_timeout_s must be > 0"):
         load_config(None, ["federation.device_timeout_s=0"])
-
-
-def test_faults_are_off_by_default_and_their_keys_are_checked():
-    config = load_config()
-    assert config.federation.faults.share == 0.0
-    assert set(config.federation.faults.kinds) == {"raise", "hang", "nan", "inf", "shape", "dtype", "unknown_key", "missing_key"}
-    config = load_config(None, ["federation.faults.share=0.3", "federation.faults.kinds=[nan, hang]"])
-    assert config.federation.faults.share == 0.3 and config.federation.faults.kinds == ["nan", "hang"]
-    with pytest.raises(ConfigError, match="unknown config key federation.faults.rate.*known keys: federation.faults.share"):
-        load_config(None, ["federation.faults.rate=1"])
-    with pytest.raises(ConfigError) as error:
-        load_config(None, ["federation.faults.share=1.5", "federation.faults.kinds=[nan, hnag]"])
-    message = str(error.value)
-    assert "federation.faults.share must be in [0, 1], got 1.5" in message
-    assert "unknown fault kind 'hnag' (did you mean hang?)" in message
-    with pytest.raises(ConfigError, match="at least one kind"):
-        load_config(None, ["federation.faults.share=0.5", "federation.faults.kinds=[]"])

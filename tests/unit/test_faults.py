@@ -12,6 +12,7 @@ import torch
 from fibecfed import server as server_module
 from fibecfed.aggregation import update_problem
 from fibecfed.config import FAULT_KINDS, load_config
+from fibecfed.errors import ConfigError
 from fibecfed.faults import (
     CORRUPTIONS,
     RUNTIME_FAULTS,
@@ -33,6 +34,23 @@ def test_every_kind_has_an_effect_and_a_reason():
     assert set(CORRUPTIONS) | set(RUNTIME_FAULTS) == set(KINDS)
     assert not set(CORRUPTIONS) & set(RUNTIME_FAULTS)
     assert {expected_reason(k) for k in KINDS} <= set(REJECTION_REASONS)
+
+
+def test_faults_are_off_by_default_and_their_keys_are_checked():
+    config = load_config()
+    assert config.federation.faults.share == 0.0
+    assert set(config.federation.faults.kinds) == {"raise", "hang", "nan", "inf", "shape", "dtype", "unknown_key", "missing_key"}
+    config = load_config(None, ["federation.faults.share=0.3", "federation.faults.kinds=[nan, hang]"])
+    assert config.federation.faults.share == 0.3 and config.federation.faults.kinds == ["nan", "hang"]
+    with pytest.raises(ConfigError, match="unknown config key federation.faults.rate.*known keys: federation.faults.share"):
+        load_config(None, ["federation.faults.rate=1"])
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["federation.faults.share=1.5", "federation.faults.kinds=[nan, hnag]"])
+    message = str(error.value)
+    assert "federation.faults.share must be in [0, 1], got 1.5" in message
+    assert "unknown fault kind 'hnag' (did you mean hang?)" in message
+    with pytest.raises(ConfigError, match="at least one kind"):
+        load_config(None, ["federation.faults.share=0.5", "federation.faults.kinds=[]"])
 
 
 def test_which_devices_are_faulty_is_a_draw_from_seed_round_and_device():
