@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -50,3 +51,41 @@ def merge_state(previous: Mapping[str, torch.Tensor], update: Mapping[str, torch
 def has_non_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Keys whose tensor holds a NaN or an infinity (an update to reject)."""
     return [k for k, v in state.items() if not torch.isfinite(v).all()]
+
+
+# Why an update is left out of the aggregation, in the order `update_problem` checks: the first
+# that applies is the one reported.
+UPDATE_PROBLEMS = ("unknown_key", "missing_key", "shape", "dtype", "non_finite")
+
+
+@dataclass(frozen=True)
+class UpdateProblem:
+    """Why an uploaded state cannot be aggregated: `reason` (one of UPDATE_PROBLEMS) and a
+    human-readable `detail` naming the key."""
+
+    reason: str
+    detail: str
+
+
+def update_problem(state: Mapping[str, object], expected: Mapping[str, torch.Tensor]) -> UpdateProblem | None:
+    """None if `state` is exactly what the server asked for: the keys of `expected` (the global
+    values it sent), each a tensor of the same shape and dtype, every value finite. Otherwise
+    the first problem, in UPDATE_PROBLEMS order."""
+    unknown = [k for k in state if k not in expected]
+    if unknown:
+        return UpdateProblem("unknown_key", f"{len(unknown)} key(s) the server did not ask for, e.g. {unknown[0]}")
+    missing = [k for k in expected if k not in state]
+    if missing:
+        return UpdateProblem("missing_key", f"{len(missing)} key(s) missing, e.g. {missing[0]}")
+    for key, want in expected.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            return UpdateProblem("dtype", f"{key} is a {type(value).__name__}, not a tensor")
+        if value.shape != want.shape:
+            return UpdateProblem("shape", f"{key} has shape {tuple(value.shape)}, expected {tuple(want.shape)}")
+        if value.dtype != want.dtype:
+            return UpdateProblem("dtype", f"{key} has dtype {value.dtype}, expected {want.dtype}")
+    bad = has_non_finite(state)
+    if bad:
+        return UpdateProblem("non_finite", f"NaN or inf in {len(bad)} key(s), e.g. {bad[0]}")
+    return None

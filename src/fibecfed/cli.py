@@ -42,6 +42,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"(compute only {summary.get('compute_time_s') or 0:.0f} s), "
         f"uploaded {summary['upload_bytes'] / 1e6:.1f} MB"
     )
+    rejected = {reason: n for reason, n in (summary.get("rejected") or {}).items() if n}
+    if rejected:
+        print("updates left out (devices x rounds), by reason: " + ", ".join(f"{n} {reason}" for reason, n in rejected.items()))
     print(f"outputs in {out}: metrics.jsonl, summary.json, accuracy.png, adapter/")
     return 0
 

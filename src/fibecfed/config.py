@@ -154,6 +154,52 @@ class TrainConfig:
             issues.append(f"train.local_epochs must be > 0, got {self.local_epochs}")
 
 
+# Injected device faults (federation.faults.kinds). Each names what a faulty device does and,
+# after the colon, the reason the server gives for leaving its update out (metrics "rejected").
+FAULT_KINDS: dict[str, str] = {
+    "raise": "error",  # the device's code raises an exception in the middle of its round
+    "hang": "timeout",  # the device does not answer before federation.device_timeout_s
+    "nan": "non_finite",  # one value of its update is NaN
+    "inf": "non_finite",  # one value of its update is +inf
+    "shape": "shape",  # one tensor of its update has the wrong shape
+    "dtype": "dtype",  # one tensor of its update has the wrong dtype (float64)
+    "unknown_key": "unknown_key",  # its update carries a key the server did not ask for
+    "missing_key": "missing_key",  # its update lacks a key the server asked for
+}
+
+
+@dataclass
+class FaultsConfig:
+    """Injected device faults, to see a run survive them (off by default: share=0).
+
+    Each device that trains in a round is faulty in that round with probability `share`, drawn
+    from (seed, round, device), so a run is reproducible and resumes like any other; a faulty
+    device's kind is drawn uniformly from `kinds` (list one twice to draw it twice as often).
+    The server rejects what a faulty device sends (or never receives it); the device keeps the
+    state it had before the round. "hang": a device that does not answer by the deadline. The
+    in-process runtime cannot pre-empt a device, so there the device does not train and the
+    server counts it as timed out, the round's simulated time including the whole
+    federation.device_timeout_s it waited (set that to a realistic deadline when injecting
+    hangs). On the Flower runtime the node really sleeps past the deadline. Faults hit the
+    training rounds, not the probes of the global model (method.layers.select_after=0) nor the
+    evaluations.
+    """
+
+    share: float = 0.0
+    kinds: list[str] = field(default_factory=lambda: list(FAULT_KINDS))
+
+    def _check(self, issues: list[str]) -> None:
+        if not 0.0 <= self.share <= 1.0:
+            issues.append(f"federation.faults.share must be in [0, 1], got {self.share}")
+        if not self.kinds:
+            issues.append(f"federation.faults.kinds must name at least one kind of {', '.join(FAULT_KINDS)}")
+        for kind in self.kinds:
+            if kind not in FAULT_KINDS:
+                close = difflib.get_close_matches(kind, list(FAULT_KINDS), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                issues.append(f"federation.faults.kinds: unknown fault kind {kind!r}{hint}; kinds: {', '.join(FAULT_KINDS)}")
+
+
 @dataclass
 class FederationConfig:
     rounds: int = 20
@@ -179,7 +225,9 @@ class FederationConfig:
     runtime: Literal["inprocess", "flower"] = "inprocess"
     # Flower runtime: how long the server waits for a round's replies; a device that has not
     # answered by then (crashed, hung, cut off) counts as failed and the round aggregates the rest.
+    # Both runtimes: a round with an injected hang (faults.kinds) lasts this long in simulated time.
     device_timeout_s: float = 3600.0
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def _check(self, issues: list[str]) -> None:
         if self.device_timeout_s <= 0:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fibecfed.adapters import AdapterState, get_state, is_lora_key, layer_of_key, set_state, trainable_parameters
-from fibecfed.aggregation import has_non_finite, merge_state, weighted_average
+from fibecfed.aggregation import UpdateProblem, merge_state, update_problem, weighted_average
 from fibecfed.curriculum import class_balanced_pool, curriculum_pool, pacing_fraction
 from fibecfed.encoding import EncodedDataset, collate
 from fibecfed.fisher import FisherAccumulator, head_fisher_trace, score_and_fisher, score_dataset
@@ -587,17 +587,42 @@ def aggregate_updates(
     return merge_state(global_state, weighted_average(states, weights))
 
 
-def valid_updates(updates: Sequence[DeviceUpdate]) -> tuple[list[DeviceUpdate], list[int]]:
-    """Split updates into those safe to aggregate and the devices whose update had NaN/inf."""
-    good, dropped = [], []
+def check_update(
+    update: DeviceUpdate, expected: Mapping[str, torch.Tensor], num_layers: int | None = None
+) -> UpdateProblem | None:
+    """Why the server cannot aggregate `update`, or None: its state must be exactly the keys of
+    `expected` (the global values the server sent), same shapes and dtypes, all finite; and its
+    layer scores, if any, a finite (num_layers,) vector the round asked for (num_layers: the
+    model's layer count in a round that probes, None otherwise)."""
+    problem = update_problem(update.state, expected)
+    if problem is not None or update.layer_scores is None:
+        return problem
+    scores = update.layer_scores
+    if num_layers is None:
+        return UpdateProblem("unknown_key", "layer scores the round did not ask for")
+    if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
+        return UpdateProblem("dtype", "layer scores are not a floating-point tensor")
+    if scores.shape != (num_layers,):
+        return UpdateProblem("shape", f"layer scores have shape {tuple(scores.shape)}, expected ({num_layers},)")
+    if not torch.isfinite(scores).all():
+        return UpdateProblem("non_finite", "NaN or inf in the layer scores")
+    return None
+
+
+def valid_updates(
+    updates: Sequence[DeviceUpdate], expected: Mapping[str, torch.Tensor], num_layers: int | None = None
+) -> tuple[list[DeviceUpdate], dict[int, str]]:
+    """Split updates into those safe to aggregate and the devices whose update is rejected, each
+    with its reason (aggregation.UPDATE_PROBLEMS); see `check_update`."""
+    good, rejected = [], {}
     for update in updates:
-        bad = has_non_finite(update.state)
-        if bad:
-            logger.warning("device %d sent non-finite values (%s ...); its update is dropped", update.device, bad[0])
-            dropped.append(update.device)
-        else:
+        problem = check_update(update, expected, num_layers)
+        if problem is None:
             good.append(update)
-    return good, dropped
+        else:
+            logger.warning("device %d: update rejected, %s (%s)", update.device, problem.reason, problem.detail)
+            rejected[update.device] = problem.reason
+    return good, rejected
 
 
 __all__ = [
@@ -611,6 +636,7 @@ __all__ = [
     "ModelRunner",
     "NonFiniteLossError",
     "aggregate_updates",
+    "check_update",
     "derive_seed",
     "device_round",
     "valid_updates",

@@ -6,7 +6,7 @@ A runtime drives it round by round and moves the messages itself:
     plan = server.plan_round(r, probes)         # who trains, with which keys and switches
     ... each device in plan.devices runs `device_round` and sends a DeviceUpdate ...
     result = server.finish_round(plan, updates, failed)   # validate, aggregate, choose, count
-    ... restore the devices in result.dropped; evaluate if result.evaluate ...
+    ... restore the devices in result.dropped (rejected updates); evaluate if result.evaluate ...
     row = server.record_round(result, evaluation, wall_seconds)
 
 The in-process simulator calls `device_round` directly; a Flower ServerApp would send the plan
@@ -25,6 +25,7 @@ import torch
 
 from fibecfed.accounting import serialized_nbytes, simulated_round_seconds
 from fibecfed.adapters import AdapterState, layer_of_key
+from fibecfed.aggregation import UPDATE_PROBLEMS
 from fibecfed.config import LayerSelectionConfig, RunConfig
 from fibecfed.federated import DeviceUpdate, ProbeSettings, SparseSettings, aggregate_updates, valid_updates
 from fibecfed.layers import aggregation_keys, combine_layer_scores, select_aggregation_layers
@@ -36,6 +37,11 @@ PROBED_POLICIES = ("sensitivity", "reverse")
 
 # The evaluation fields of a round the runtime did not evaluate.
 NOT_EVALUATED: dict[str, Any] = {"accuracy": None, "personalized_accuracy": None}
+
+# Why a sampled device contributed nothing to a round (a metrics row's "rejected" counts): it
+# did not answer by the deadline ("timeout"), its round raised ("error"), or the server rejected
+# its update (aggregation.UPDATE_PROBLEMS).
+REJECTION_REASONS = ("timeout", "error", *UPDATE_PROBLEMS)
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,9 @@ class ServerSettings:
     num_layers: int  # transformer layers of the model: the length of a layer-score vector
     layers: LayerSelectionConfig | None  # None: no layer selection, every key is aggregated
     sparse: SparseSettings | None  # what devices use outside warm-up rounds
+    # How long the server waits for a round's replies: a round in which a device timed out lasts
+    # at least this long in simulated time.
+    device_timeout_s: float = 3600.0
 
 
 def sparse_settings(config: RunConfig) -> SparseSettings | None:
@@ -86,6 +95,7 @@ def server_settings(config: RunConfig, num_devices: int, num_layers: int) -> Ser
         num_layers=num_layers,
         layers=config.method.layers if config.method.layers.enabled else None,
         sparse=sparse_settings(config),
+        device_timeout_s=f.device_timeout_s,
     )
 
 
@@ -165,6 +175,23 @@ def choose_after_probes(
     return updated
 
 
+def rejection_counts(reasons: Mapping[int, str]) -> dict[str, int]:
+    """Devices per reason (every reason of REJECTION_REASONS, zeros included: a stable schema)."""
+    unknown = set(reasons.values()) - set(REJECTION_REASONS)
+    if unknown:
+        raise ValueError(f"unknown rejection reasons {sorted(unknown)}; reasons: {REJECTION_REASONS}")
+    return {reason: sum(r == reason for r in reasons.values()) for reason in REJECTION_REASONS}
+
+
+def rejection_totals(history: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """The "rejected" counts of every round of a metrics history, summed by reason."""
+    totals = rejection_counts({})
+    for row in history:
+        for reason, count in (row.get("rejected") or {}).items():
+            totals[reason] = totals.get(reason, 0) + count
+    return totals
+
+
 def weighted_mean(values: Sequence[tuple[float, int]]) -> float | None:
     total = sum(w for _, w in values)
     return sum(v * w for v, w in values) / total if total else None
@@ -228,7 +255,7 @@ class RoundResult:
     """A finished round, before its evaluation (which the runtime does)."""
 
     plan: RoundPlan
-    dropped: list[int]  # devices whose update had NaN/inf: the runtime restores their state
+    dropped: list[int]  # devices whose update the server rejected: the runtime restores their state
     evaluate: bool  # whether the runtime evaluates the new global model this round
     fields: dict[str, Any]  # the metrics row after the evaluation's fields (wall_time_s filled in later)
 
@@ -291,6 +318,7 @@ class Server:
             "sampled_personalized_accuracy": None,
             "loss": None,
             "failed_devices": [],
+            "rejected": rejection_counts({}),
             "wall_time_s": 0.0,
             "sim_time_s": 0.0,
             "compute_time_s": 0.0,
@@ -367,18 +395,26 @@ class Server:
         )
 
     def finish_round(
-        self, plan: RoundPlan, updates: Sequence[DeviceUpdate], failed: Sequence[int],
+        self, plan: RoundPlan, updates: Sequence[DeviceUpdate], failed: Sequence[int] | Mapping[int, str],
         measured: MeasuredTransfer | None = None,
     ) -> RoundResult:
         """Aggregate the valid updates into the global state, choose the layers from the
         devices' probes when the plan asked for them, and count the round's costs.
 
-        `updates`: what the devices that finished sent, in plan.devices order; `failed`: the
-        devices that did not finish (they downloaded, but sent nothing). `measured`: the bytes a
-        transport counted on its wire (None: the serialized sizes of the tensors).
+        `updates`: what the devices that finished sent, in plan.devices order; each is checked
+        against the plan (exactly its exchanged keys, the global shapes and dtypes, finite
+        values) and left out with a reason otherwise. `failed`: the devices that did not finish
+        (they downloaded, but sent nothing), by reason ("timeout" or "error"; a plain sequence:
+        "error"). `measured`: the bytes a transport counted on its wire (None: the serialized
+        sizes of the tensors).
         """
         s = self.settings
-        good, dropped = valid_updates(updates)
+        failures = dict(failed) if isinstance(failed, Mapping) else {d: "error" for d in failed}
+        unplanned = sorted({u.device for u in updates} - set(plan.devices))
+        if unplanned:
+            raise ValueError(f"round {plan.round_num}: updates from devices {unplanned} that the plan did not sample")
+        good, rejected = valid_updates(updates, plan.state, s.num_layers if plan.probe is not None else None)
+        dropped = sorted(rejected)
         self.global_state = aggregate_updates(self.global_state, [u.state for u in good], [u.num_samples for u in good])
         if plan.probe is not None:
             self.selection = choose_after_probes(s.layers, self.selection, good, plan.round_num)
@@ -404,6 +440,9 @@ class Server:
             [u for _, _, u, _ in costs],
             s.bandwidth_mbps,
         )
+        if "timeout" in failures.values():
+            # The server waited for the device until the deadline.
+            sim_round = max(sim_round, s.device_timeout_s)
         compute_round = max((c + max(0.0, bg - totals["compute_time_s"]) for c, _, _, bg in costs), default=0.0)
         upload_sizes = [u for _, _, u, _ in costs]
         failed_downloads = [measured.download[d] if measured is not None else plan.download_bytes for d in failed]
@@ -420,7 +459,8 @@ class Server:
         fields: dict[str, Any] = {
             "sampled_personalized_accuracy": weighted_mean([(p["accuracy"], n) for p, n in personal]),
             "loss": weighted_mean([(u.loss, u.num_samples) for u in good]),
-            "failed_devices": sorted([*failed, *dropped]),
+            "failed_devices": sorted([*failures, *dropped]),
+            "rejected": rejection_counts({**failures, **rejected}),
             "curriculum_fraction": weighted_mean([(u.curriculum_fraction, u.num_samples) for u in updates]),
             "aggregated_layers": plan.aggregated_layers,
         }
@@ -462,6 +502,7 @@ __all__ = [
     "LayerProbe",
     "MeasuredTransfer",
     "NOT_EVALUATED",
+    "REJECTION_REASONS",
     "ProbeRequest",
     "RoundPlan",
     "RoundResult",
@@ -472,6 +513,8 @@ __all__ = [
     "layers_due",
     "probe_due",
     "probe_settings",
+    "rejection_counts",
+    "rejection_totals",
     "sample_devices",
     "server_settings",
     "sparse_settings",

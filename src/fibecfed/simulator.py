@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fibecfed import outputs
+from fibecfed import faults, outputs
 from fibecfed.accounting import compute_clock
 from fibecfed.config import RunConfig, config_to_dict
 from fibecfed.data.loaders import load_task
@@ -43,7 +43,7 @@ from fibecfed.federated import (
 )
 from fibecfed.layers import transformer_layers
 from fibecfed.models import load_model
-from fibecfed.server import LayerProbe, ProbeRequest, RoundPlan, Server, server_settings
+from fibecfed.server import LayerProbe, ProbeRequest, RoundPlan, Server, rejection_totals, server_settings
 from fibecfed.training import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
@@ -242,12 +242,17 @@ def train_device(
     own_start_keys: list[str],
     sparse: SparseSettings | None,
     probe: ProbeSettings | None,
+    fault: str | None = None,
 ) -> DeviceUpdate:
     """One device's round on its own partition (every runtime's device side): `device_round`
     with the run's settings. `global_state` must hold the exchanged keys and the global value
-    of every non-exchanged key that `state.personal` lacks."""
-    return device_round(
-        prepared.runner,
+    of every non-exchanged key that `state.personal` lacks. `fault`: an injected fault kind
+    (faults.device_fault) other than "hang", which the runtime plays itself."""
+    if fault == "hang":
+        raise ValueError("a hang is the runtime's to play: it cannot happen inside train_device")
+    runner = faults.FailingRunner(prepared.runner) if fault == "raise" else prepared.runner
+    update = device_round(
+        runner,
         device,
         round_num,
         config.seed,
@@ -267,6 +272,13 @@ def train_device(
         probe=probe,
         own_start_keys=own_start_keys,
     )
+    if fault == "raise":
+        # It made fewer batches than FailingRunner.fail_at: it breaks down at the end of its
+        # round instead, after writing its new state (which the runtime must put back).
+        raise faults.InjectedFault(f"injected fault: device {device} broke down at the end of round {round_num}")
+    if fault is not None:
+        update.state = faults.corrupt_update(update.state, fault)
+    return update
 
 
 def probe_device(
@@ -366,34 +378,51 @@ class Simulation:
     def _train_devices(
         self, prepared: Prepared, plan: RoundPlan, global_state: dict, device_states: dict[int, DeviceState],
         initial_state: dict,
-    ) -> tuple[list[DeviceUpdate], list[int], dict[int, DeviceState]]:
+    ) -> tuple[list[DeviceUpdate], dict[int, str], dict[int, DeviceState]]:
         """The in-process transport: each planned device trains in turn on the one model.
 
-        Returns the updates, the devices whose training failed (their state is put back), and
-        every device's state from before the round (for the server's dropped updates).
+        Returns the updates, the devices that sent none with the reason ("error": their round
+        raised, their state is put back; "timeout": an injected hang), and every device's state
+        from before the round (for the server's rejected updates).
         """
         cfg = self.config
         updates: list[DeviceUpdate] = []
-        failed: list[int] = []
+        failed: dict[int, str] = {}
         backups: dict[int, DeviceState] = {}
+        errors: list[Exception] = []
+        injected = faults.round_faults(cfg.seed, plan.round_num, plan.devices, cfg.federation.faults.share,
+                                       cfg.federation.faults.kinds)
         for device in plan.devices:
             state = device_states.setdefault(device, DeviceState())
             backup = copy.deepcopy(state)
             backups[device] = backup
+            if injected.get(device) == "hang":
+                # One process cannot pre-empt a device: its reply would come after the deadline,
+                # so it does not train at all (config.FaultsConfig).
+                logger.warning("device %d does not answer in round %d (injected hang): timed out", device, plan.round_num)
+                failed[device] = "timeout"
+                continue
             try:
                 # The whole global state: a device's first participation starts its personal
                 # layers from their global values.
                 update = train_device(
                     cfg, prepared, device, plan.round_num, global_state, state, initial_state,
                     exchanged_keys=plan.exchanged_keys, own_start_keys=plan.own_start_keys, sparse=plan.sparse,
-                    probe=plan.probe,
+                    probe=plan.probe, fault=injected.get(device),
                 )
-            except NonFiniteLossError as exc:
-                logger.warning("device %d failed in round %d (%s); it is left out of this round", device, plan.round_num, exc)
+            except Exception as exc:  # noqa: BLE001 - whatever breaks a device's round, the others go on
+                expected = isinstance(exc, (NonFiniteLossError, faults.InjectedFault))
+                logger.warning("device %d failed in round %d (%s: %s); it is left out of this round",
+                               device, plan.round_num, type(exc).__name__, exc, exc_info=not expected)
                 device_states[device] = backup
-                failed.append(device)
+                failed[device] = "error"
+                if not expected:
+                    errors.append(exc)
                 continue
             updates.append(update)
+        if errors and len(errors) == len(plan.devices):
+            # The same code broke on every device: a bug or a broken setup, not a device's fault.
+            raise errors[0]
         return updates, failed, backups
 
     @staticmethod
@@ -474,6 +503,8 @@ def write_run_outputs(
         "compute_time_s": last.get("compute_time_s"),
         "upload_bytes": last["upload_bytes"],
         "download_bytes": last["download_bytes"],
+        # Sampled devices that contributed nothing, by reason, over all rounds (server.REJECTION_REASONS).
+        "rejected": rejection_totals(history),
         "trainable_parameters": sum(v.numel() for v in global_state.values()),
         "adapter_dir": str(adapter_dir),
     }

@@ -138,3 +138,41 @@ def test_cli_runs_on_flower(tiny_encoder_dir, tmp_path):
     assert [r["round"] for r in rows] == [0, 1] and rows[1]["upload_bytes"] > 0
     for name in ("summary.json", "accuracy.png", "adapter/adapter_model.safetensors"):
         assert (out / name).is_file(), name
+
+
+# Seed 41, two devices, 60% faulty: round 1, device 1 raises; round 2, device 0 raises and device 1
+# sends a mis-shaped tensor (no valid update: the global adapter stays); round 3, device 1 hangs.
+FAULTY = ["seed=41", "federation.faults.share=0.6", "federation.device_timeout_s=30"]
+
+
+def test_injected_faults_on_flower_match_the_inprocess_run(tiny_encoder_dir, tmp_path):
+    from fibecfed.flower.simulation import run_flower_simulation
+
+    overrides = tiny_run_overrides(tiny_encoder_dir, 3) + ["partition.num_devices=2", "method=fibecfed", *FAULTY]
+    Simulation(load_config(None, overrides), tmp_path / "inprocess").run()
+    run_flower_simulation(load_config(None, overrides + ["federation.runtime=flower"]), tmp_path / "flower",
+                          state_dir=tmp_path / "node-states")
+    rows_a, rows_b = _rows(tmp_path / "inprocess" / "metrics.jsonl"), _rows(tmp_path / "flower" / "metrics.jsonl")
+    assert [r["rejected"] for r in rows_b[1:]] == [
+        {"timeout": 0, "error": 1, "unknown_key": 0, "missing_key": 0, "shape": 0, "dtype": 0, "non_finite": 0},
+        {"timeout": 0, "error": 1, "unknown_key": 0, "missing_key": 0, "shape": 1, "dtype": 0, "non_finite": 0},
+        {"timeout": 1, "error": 0, "unknown_key": 0, "missing_key": 0, "shape": 0, "dtype": 0, "non_finite": 0},
+    ]
+    for a, b in zip(rows_a, rows_b):
+        for key in ("devices", "failed_devices", "rejected"):
+            assert a[key] == b[key], (a["round"], key)
+        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-6)
+    # The server waited for the hung node until the deadline, in both runtimes' simulated time.
+    assert rows_b[3]["sim_time_s"] - rows_b[2]["sim_time_s"] >= 30.0
+    _assert_close(
+        load_file(tmp_path / "inprocess" / "adapter" / "adapter_model.safetensors"),
+        load_file(tmp_path / "flower" / "adapter" / "adapter_model.safetensors"),
+        "global adapter",
+    )
+    # A node whose round failed or was rejected kept its state from before that round: device 1
+    # never finished a round, device 0 finished rounds 1 and 3.
+    states = torch.load(tmp_path / "inprocess" / CHECKPOINT, weights_only=False)["device_states"]
+    assert states[1]["participations"] == 0 and not (tmp_path / "node-states" / "device-1.pt").exists()
+    node = torch.load(tmp_path / "node-states" / "device-0.pt", weights_only=False)
+    assert node["participations"] == states[0]["participations"] == 2
+    _assert_close(states[0]["personal"], node["personal"], "device 0 personal")

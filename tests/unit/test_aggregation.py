@@ -53,3 +53,29 @@ def test_aggregate_updates_selected_keys_only():
 def test_non_finite_detection():
     assert has_non_finite({"a": torch.tensor([1.0, float("nan")]), "b": torch.ones(2)}) == ["a"]
     assert has_non_finite({"a": torch.ones(1)}) == []
+
+
+def test_update_problem_names_the_first_problem_in_order():
+    from fibecfed.aggregation import update_problem
+
+    expected = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
+    assert update_problem({"a": torch.ones(2, 3), "b": torch.ones(4)}, expected) is None
+    cases = {
+        # An extra key beats everything else wrong with the same update.
+        "unknown_key": {"a": torch.ones(2, 3), "b": torch.full((4,), float("nan")), "c": torch.ones(1)},
+        "missing_key": {"a": torch.ones(2, 3)},
+        "shape": {"a": torch.ones(3, 2), "b": torch.ones(4)},
+        "dtype": {"a": torch.ones(2, 3, dtype=torch.float64), "b": torch.ones(4)},
+        "non_finite": {"a": torch.ones(2, 3), "b": torch.tensor([0.0, float("-inf"), 0.0, 0.0])},
+    }
+    for reason, state in cases.items():
+        problem = update_problem(state, expected)
+        assert problem is not None and problem.reason == reason, reason
+    assert "shape (3, 2), expected (2, 3)" in update_problem(cases["shape"], expected).detail
+    assert update_problem({"a": [1.0], "b": torch.ones(4)}, {"a": torch.zeros(1), "b": torch.zeros(4)}).reason == "dtype"
+
+
+def test_no_update_leaves_the_global_state_as_it_was():
+    previous = {"a": torch.tensor([1.0, float("-0.0")]), "b": torch.ones(3)}
+    kept = aggregate_updates(previous, [], [])
+    assert kept == previous and all(kept[k] is previous[k] for k in previous)  # the very tensors, bit for bit

@@ -189,3 +189,74 @@ def test_checkpoint_round_trip_resumes_the_same_server(tmp_path):
     a, b = server.plan_round(2), resumed.plan_round(2)
     for name in ("devices", "exchanged_keys", "own_start_keys", "aggregated_layers", "download_bytes"):
         assert getattr(a, name) == getattr(b, name), name
+
+
+def test_each_bad_update_is_rejected_with_its_reason_and_counted():
+    from fibecfed.faults import CORRUPTIONS, corrupt_update, expected_reason
+
+    server = server_with_layers([0])
+    plan = server.plan_round(2)
+    a, b = plan.devices
+    good = {layer_key(0): torch.tensor([[7.0, 8.0]]), HEAD: torch.tensor([1.0, 2.0])}
+    for kind in CORRUPTIONS:
+        server = server_with_layers([0])
+        result = server.finish_round(plan, [update(a, good, 1), update(b, corrupt_update(good, kind), 3)], [])
+        assert result.dropped == [b] and result.fields["failed_devices"] == [b], kind
+        assert result.fields["rejected"][expected_reason(kind)] == 1 and sum(result.fields["rejected"].values()) == 1, kind
+        # The average of the one valid update is that update.
+        assert all(torch.equal(server.global_state[k], v) for k, v in good.items()), kind
+
+
+def test_a_round_of_only_invalid_updates_keeps_the_global_state_bit_for_bit():
+    from fibecfed.faults import corrupt_update
+    from fibecfed.server import REJECTION_REASONS
+
+    server = Server(settings(num_devices=6, devices_per_round=5), global_state())
+    before = {k: v.clone() for k, v in server.global_state.items()}
+    plan = server.plan_round(1)
+    a, b, c, d, e = plan.devices
+    sent = {k: v + 1 for k, v in plan.state.items()}
+    updates = [update(a, corrupt_update(sent, "nan"), 1), update(b, corrupt_update(sent, "shape"), 1),
+               update(c, corrupt_update(sent, "unknown_key"), 1)]
+    result = server.finish_round(plan, updates, {d: "timeout", e: "error"})
+    assert all(torch.equal(server.global_state[k], v) for k, v in before.items())
+    assert result.dropped == [a, b, c] and result.fields["failed_devices"] == sorted(plan.devices)
+    assert list(result.fields["rejected"]) == list(REJECTION_REASONS)
+    assert result.fields["rejected"] == {"timeout": 1, "error": 1, "unknown_key": 1, "missing_key": 0, "shape": 1,
+                                         "dtype": 0, "non_finite": 1}
+    assert result.fields["loss"] is None
+    row = server.record_round(result, None, 0.0)
+    assert row["rejected"] == result.fields["rejected"]
+
+
+def test_a_timed_out_device_makes_the_round_last_until_the_deadline():
+    server = Server(settings(device_timeout_s=30.0), global_state())
+    plan = server.plan_round(1)
+    a, b = plan.devices
+    answered = [update(a, {k: v + 1 for k, v in plan.state.items()}, 1, compute_seconds=2.0)]
+    result = server.finish_round(plan, answered, {b: "timeout"})
+    assert server.totals["sim_time_s"] == 30.0 and result.fields["rejected"]["timeout"] == 1
+    # A device that failed fast (an error reply) does not hold the round up.
+    plan = server.plan_round(2)
+    a, b = plan.devices
+    server.finish_round(plan, [update(a, {k: v + 1 for k, v in plan.state.items()}, 1, compute_seconds=2.0)], [b])
+    assert 2.0 < server.totals["sim_time_s"] - 30.0 < 2.1
+
+
+def test_layer_scores_are_checked_like_the_adapter():
+    server = Server(settings(selection_config()), global_state())
+    plan = server.plan_round(1)  # warm-up: the devices probe their trained models
+    a, b = plan.devices
+    sent = {HEAD: torch.tensor([1.0, 1.0])}
+    updates = [update(a, sent, 1, layer_scores=torch.tensor([0.0, 1.0, 2.0, 3.0])),
+               update(b, sent, 1, layer_scores=torch.tensor([float("nan"), 9.0, 9.0, 9.0]))]
+    result = server.finish_round(plan, updates, [])
+    assert result.dropped == [b] and result.fields["rejected"]["non_finite"] == 1
+    assert server.selection["layers"] == [2, 3]  # from device a's scores alone
+    plan = server.plan_round(2)  # no probe this round: scores are not asked for
+    a, b = plan.devices
+    sent = dict(plan.state)
+    result = server.finish_round(plan, [update(a, sent, 1), update(b, sent, 1, layer_scores=torch.zeros(4))], [])
+    assert result.dropped == [b] and result.fields["rejected"]["unknown_key"] == 1
+    with pytest.raises(ValueError, match="did not sample"):
+        server.finish_round(plan, [update(next(d for d in range(4) if d not in plan.devices), sent, 1)], [])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,14 +27,18 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fibecfed import outputs
-from fibecfed.aggregation import has_non_finite
+from fibecfed import faults, outputs
 from fibecfed.config import RunConfig
-from fibecfed.federated import ProbeSettings
+from fibecfed.federated import ProbeSettings, check_update
 from fibecfed.flower import records
+from fibecfed.layers import transformer_layers
 from fibecfed.simulator import Prepared, prepare, probe_device, train_device
 
 logger = logging.getLogger(__name__)
+
+# An injected hang sleeps this much past the server's deadline (federation.device_timeout_s),
+# which started before the message reached the node.
+HANG_MARGIN_S = 1.0
 
 
 @dataclass
@@ -84,10 +89,14 @@ def identify(msg: Message, context: Context) -> Message:
 
 def train(msg: Message, context: Context, state_dir: str | Path | None = None) -> Message:
     """One round of local training (`device_round`); the private state is kept only if the
-    update is finite (the server drops a non-finite update, so the device keeps its old state,
-    as in the simulator). With a state folder (node config `state-dir`, or `state_dir`) the node
-    also saves its state there after each round, on its own disk (to inspect it, or to keep it
-    over a SuperNode restart)."""
+    update passes the server's check (`check_update`, against the global values received: the
+    server rejects any other, so the device keeps its old state, as in the simulator). With a
+    state folder (node config `state-dir`, or `state_dir`) the node also saves its state there
+    after each round, on its own disk (to inspect it, or to keep it over a SuperNode restart).
+
+    Injected faults (federation.faults) are drawn here as in the simulator: "hang" sleeps past
+    the server's deadline and gives up without training, "raise" raises in the middle of the
+    round (Flower sends the server an error reply), the others corrupt the upload."""
     order = records.read_train_content(msg.content)
     device = _check_device(order.device, context)
     data = node_data(order.config_json)
@@ -97,15 +106,24 @@ def train(msg: Message, context: Context, state_dir: str | Path | None = None) -
             f"device {device}: this node's initial adapter differs from the server's (fingerprint "
             f"{data.initial_fingerprint}, server {order.initial_fingerprint}): model files or library versions differ"
         )
+    federation = data.config.federation
+    fault = faults.device_fault(data.config.seed, order.round_num, device, federation.faults.share, federation.faults.kinds)
+    if fault == "hang":
+        logger.warning("device %d hangs in round %d (injected): no answer before the deadline", device, order.round_num)
+        time.sleep(federation.device_timeout_s + HANG_MARGIN_S)
+        raise faults.InjectedFault(f"device {device} hung in round {order.round_num} (injected fault)")
     state = records.device_state_from_records(context.state)
     global_values = {**data.initial_state, **order.global_values}
     update = train_device(
         data.config, data.prepared, device, order.round_num, global_values, state, data.initial_state,
         exchanged_keys=order.exchanged_keys, own_start_keys=order.own_start_keys, sparse=order.sparse,
-        probe=order.probe,
+        probe=order.probe, fault=fault,
     )
-    if has_non_finite(update.state):
-        logger.warning("device %d: non-finite update in round %d; its state stays as before", device, order.round_num)
+    num_layers = len(transformer_layers(data.prepared.runner.loaded.model)) if order.probe is not None else None
+    problem = check_update(update, {k: order.global_values[k] for k in order.exchanged_keys}, num_layers)
+    if problem is not None:
+        logger.warning("device %d: the server will reject its update of round %d (%s); its state stays as before",
+                       device, order.round_num, problem.reason)
     else:
         records.store_device_state(context.state, state)
         folder = context.node_config.get("state-dir") or state_dir

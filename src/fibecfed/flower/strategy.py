@@ -33,6 +33,7 @@ from fibecfed import outputs
 from fibecfed.config import RunConfig
 from fibecfed.errors import FibecfedError
 from fibecfed.evaluation import classification_metrics
+from fibecfed.federated import DeviceUpdate
 from fibecfed.flower import records
 from fibecfed.layers import transformer_layers
 from fibecfed.server import LayerProbe, MeasuredTransfer, ProbeRequest, RoundPlan, RoundResult, Server, server_settings
@@ -88,7 +89,9 @@ class FibecFedStrategy(Strategy):
             time.sleep(1.0)
             node_ids = list(grid.get_node_ids())
         messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-        for reply in grid.send_and_receive(messages, timeout=self.timeout):
+        # The nodes' first answer includes their start-up: wait for it as long as for the nodes
+        # to appear, even when the rounds' deadline (federation.device_timeout_s) is shorter.
+        for reply in grid.send_and_receive(messages, timeout=max(self.timeout, wait_s)):
             if reply.has_error():
                 logger.warning("node %d did not say its partition id: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
@@ -162,18 +165,24 @@ class FibecFedStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         pending = self.pending
         plan = pending.plan
-        received = {}
+        received, errors = {}, {}
         for reply in replies:
             device = self._device_of(reply)
             if reply.has_error():
                 logger.warning("device %d failed in round %d: %s", device, server_round, reply.error.reason)
+                errors[device] = "error"
                 continue
             pending.upload[device] = pending.upload.get(device, 0) + records.content_bytes(reply.content)
             pending.adapter[device] = pending.adapter.get(device, 0) + records.adapter_bytes(reply.content)
-            received[device] = records.read_update_content(reply.content)
-        # In plan order, as the server expects; a device that sent nothing (error, timeout) failed.
+            update = read_reply(reply.content, device, server_round)
+            if update is None:
+                errors[device] = "error"
+            else:
+                received[device] = update
+        # In plan order, as the server expects (it checks each update against the plan); a device
+        # that sent nothing failed: with an error reply, or none before the deadline (timeout).
         updates = [received[d] for d in plan.devices if d in received]
-        failed = [d for d in plan.devices if d not in received]
+        failed = {d: errors.get(d, "timeout") for d in plan.devices if d not in received}
         for device in plan.devices:
             pending.upload.setdefault(device, 0)
         # FedAvg's messages: the same, with the whole adapter both ways instead of the entries sent.
@@ -258,6 +267,20 @@ class FibecFedStrategy(Strategy):
     def summary(self) -> None:
         logger.info("fibecfed %s: %d devices, %d per round", self.config.method.name,
                     len(self.prepared.train_parts), self.config.federation.devices_per_round)
+
+
+def read_reply(content: RecordDict, device: int, round_num: int) -> DeviceUpdate | None:
+    """The update in a train reply from `device`'s node; None (logged) if the reply is malformed
+    or speaks for another device."""
+    try:
+        update = records.read_update_content(content)
+    except (KeyError, TypeError, ValueError) as exc:
+        logger.warning("device %d sent a malformed reply in round %d (%s: %s)", device, round_num, type(exc).__name__, exc)
+        return None
+    if update.device != device:
+        logger.warning("the node of device %d sent an update for device %d in round %d", device, update.device, round_num)
+        return None
+    return update
 
 
 def missing_nodes_error(missing: list[int], num_devices: int) -> FibecfedError:
