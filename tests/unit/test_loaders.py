@@ -198,13 +198,13 @@ def test_unknown_test_label_names_label_file_and_row(tmp_path: Path) -> None:
         load_task(cfg, seed=0)
     assert (
         str(error.value)
-        == "unknown label `foo` in dev.tsv (row 2); known labels: neg, pos; set data.labels"
+        == "unknown label `foo` in dev.tsv line 3; known labels: neg, pos; set data.labels"
     )
 
 
 def test_empty_label_is_an_error(tmp_path: Path) -> None:
     cfg = _files(tmp_path, "text\tlabel\na\tpos\nb\t\n", "text\tlabel\nc\tpos\n")
-    with pytest.raises(DataError, match=r"empty label in train.tsv \(row 2"):
+    with pytest.raises(DataError, match=r"empty label in train.tsv line 3, column `label`"):
         load_task(cfg, seed=0)
 
 

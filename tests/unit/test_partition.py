@@ -253,14 +253,30 @@ def test_too_many_devices_is_an_error_that_says_what_to_change() -> None:
     cfg = PartitionConfig(scheme="dirichlet_label", num_devices=10, alpha=0.05)
     with pytest.raises(DataError) as error:
         partition_task(task, cfg, seed=0, group_column_set=False)
+    # 5 samples cannot fill 10 devices whatever the skew: the message says so, not "raise alpha".
+    assert str(error.value) == (
+        "5 training samples cannot give each of partition.num_devices=10 devices "
+        "partition.min_samples=1; set partition.num_devices=5 or fewer, or use more data"
+    )
+
+
+def test_an_unlucky_skew_names_the_device_and_the_knob() -> None:
+    # 12 samples could give 5 devices 2 each, but a tiny alpha leaves some with 1.
+    task = _task([0, 1] * 6, [0, 1], 2)
+    cfg = PartitionConfig(scheme="dirichlet_quantity", num_devices=5, alpha=0.01, min_samples=2)
+    with pytest.raises(DataError) as error:
+        partition_task(task, cfg, seed=0, group_column_set=False)
     message = str(error.value)
-    assert re.match(r"device \d+ got 0 training samples", message)
-    assert "dirichlet_label partition with alpha=0.05" in message
+    assert re.match(r"device \d+ got 1 training samples", message)
+    assert "dirichlet_quantity partition with alpha=0.01" in message
     assert "partition.num_devices" in message
 
 
 def test_min_samples_is_enforced() -> None:
     task = _task(_balanced_labels(10, 2), [0, 1], 2)
+    cfg = PartitionConfig(scheme="iid", num_devices=2, min_samples=10)
+    partition_task(task, cfg, seed=0, group_column_set=False)  # 10 + 10: just enough
     cfg = PartitionConfig(scheme="iid", num_devices=4, min_samples=6)
-    with pytest.raises(DataError, match=r"got 5 training samples .*min_samples=6"):
+    # 20 // 6 = 3 devices could each get 6 samples.
+    with pytest.raises(DataError, match=r"^20 training samples .*min_samples=6; set partition.num_devices=3 or fewer"):
         partition_task(task, cfg, seed=0, group_column_set=False)

@@ -7,8 +7,10 @@ the label order, encode the labels, hold out a test split where there is none, a
 
 from __future__ import annotations
 
+import codecs
 import csv
 import importlib.util
+import io
 import json
 import logging
 import re
@@ -73,7 +75,7 @@ def _is_blank(fields: list[str]) -> bool:
 
 def _read_delimited(
     handle: TextIO, path: Path, fmt: str, header: bool
-) -> tuple[list[str], list[Row]]:
+) -> tuple[list[str], list[Row], list[int]]:
     _raise_csv_field_limit()
     if fmt == "tsv":
         # Quotes inside TSV fields are not escaped (GLUE), so they must not mean anything.
@@ -84,8 +86,12 @@ def _read_delimited(
         hint = "an unbalanced quote or an unquoted comma?"
     columns: list[str] | None = None
     rows: list[Row] = []
+    lines: list[int] = []  # the file line each row starts on, for error messages
+    end_of_previous = 0
     try:
         for fields in reader:
+            # A quoted field may span lines: the row starts after the previous one ended.
+            start, end_of_previous = end_of_previous + 1, reader.line_num
             if _is_blank(fields):
                 continue
             if columns is None:
@@ -98,15 +104,16 @@ def _read_delimited(
                     continue
             if len(fields) != len(columns):
                 raise DataError(
-                    f"{path} line {reader.line_num}: expected {len(columns)} fields, "
-                    f"found {len(fields)} ({hint})"
+                    f"{path} line {start}: expected {len(columns)} fields, found {len(fields)} "
+                    f"({hint}); columns: {', '.join(columns)}"
                 )
             rows.append(dict(zip(columns, fields, strict=True)))
+            lines.append(start)
     except csv.Error as exc:
         raise DataError(f"{path} line {reader.line_num}: {exc}") from None
     if columns is None:
         raise DataError(f"{path} is empty")
-    return columns, rows
+    return columns, rows, lines
 
 
 def _header_columns(fields: list[str], path: Path) -> list[str]:
@@ -132,9 +139,10 @@ def _cell_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _read_jsonl(handle: TextIO, path: Path) -> tuple[list[str], list[Row]]:
+def _read_jsonl(handle: TextIO, path: Path) -> tuple[list[str], list[Row], list[int]]:
     columns: dict[str, None] = {}  # insertion-ordered set
     rows: list[Row] = []
+    lines: list[int] = []
     for line_number, line in enumerate(handle, start=1):
         if not line.strip():
             continue
@@ -142,15 +150,35 @@ def _read_jsonl(handle: TextIO, path: Path) -> tuple[list[str], list[Row]]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path} line {line_number} is not valid JSON: {exc.msg}") from None
+        except (ValueError, RecursionError) as exc:
+            # json raises plain ValueError for an integer of over 4,300 digits, RecursionError
+            # for thousands of nested brackets.
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+            raise DataError(f"{path} line {line_number} is not valid JSON: {reason}") from None
         if not isinstance(record, dict):
             raise DataError(
                 f"{path} line {line_number}: expected a JSON object, found {type(record).__name__}"
             )
         columns.update(dict.fromkeys(record))
         rows.append({key: _cell_text(value) for key, value in record.items()})
+        lines.append(line_number)
     if not columns:
         raise DataError(f"{path} is empty")
-    return list(columns), rows
+    return list(columns), rows, lines
+
+
+def _decode(data: bytes, path: Path, errors: str) -> str:
+    """UTF-8 text of a file (a byte-order mark dropped); DataError names the line of a bad byte."""
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8", errors=errors)
+    except UnicodeDecodeError as exc:
+        offset = bom + exc.start
+        line = data[:offset].count(b"\n") + 1
+        raise DataError(
+            f"{path} line {line} is not UTF-8 text (byte {data[offset]:#04x} at offset {offset}); "
+            "save the file as UTF-8"
+        ) from None
 
 
 def read_table(
@@ -165,19 +193,28 @@ def read_table(
     Raises DataError for a missing or empty file, a row with the wrong number of fields, invalid
     JSON, or bytes that are not UTF-8 (with errors="strict").
     """
-    path = Path(path)
+    columns, rows, _ = _read_rows(Path(path), format, header, errors)
+    return columns, rows
+
+
+def _read_rows(
+    path: Path, format: str, header: bool, errors: str
+) -> tuple[list[str], list[Row], list[int]]:
+    """`read_table`, plus the file line each row starts on."""
     if not path.is_file():
         raise DataError(
             f"data file {path} not found" if not path.exists() else f"{path} is not a file"
         )
     fmt = _resolve_format(path, format)
     try:
-        with path.open(encoding="utf-8-sig", errors=errors, newline="") as handle:
-            if fmt == "jsonl":
-                return _read_jsonl(handle, path)
-            return _read_delimited(handle, path, fmt, header)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded)") from None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    # Decoded whole (not streamed) so that a bad byte is reported with its line, before any row.
+    handle = io.StringIO(_decode(data, path, errors), newline="")
+    if fmt == "jsonl":
+        return _read_jsonl(handle, path)
+    return _read_delimited(handle, path, fmt, header)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +236,7 @@ class _Table:
     source: str  # how error messages name it, e.g. "train.tsv"
     columns: list[str]
     rows: list[Row]
+    lines: list[int] | None = None  # the file line of each row, where there is a file
 
 
 def _check_columns(table: _Table, columns: Columns) -> None:
@@ -216,11 +254,18 @@ def _check_columns(table: _Table, columns: Columns) -> None:
             )
 
 
-def _raw_labels(rows: Sequence[Row], source: str, column: str) -> list[str]:
+def _where(source: str, index: int, lines: Sequence[int] | None) -> str:
+    """Where row `index` (0-based) is, as a user finds it: a file line, else a row number."""
+    return f"{source} line {lines[index]}" if lines is not None else f"{source} (row {index + 1})"
+
+
+def _raw_labels(
+    rows: Sequence[Row], source: str, column: str, lines: Sequence[int] | None = None
+) -> list[str]:
     labels = [row.get(column, "").strip() for row in rows]
-    for row_number, label in enumerate(labels, start=1):
+    for index, label in enumerate(labels):
         if not label:
-            raise DataError(f"empty label in {source} (row {row_number}, column `{column}`)")
+            raise DataError(f"empty label in {_where(source, index, lines)}, column `{column}`")
     return labels
 
 
@@ -268,27 +313,39 @@ def build_dataset(
     columns: Columns,
     label_names: Sequence[str],
     label_of: dict[str, int] | None = None,
+    lines: Sequence[int] | None = None,
 ) -> TextDataset:
     """Build a TextDataset from rows of string cells (the columns must exist, see `load_task`).
 
     `label_of` maps raw label text to a class index (default: position in `label_names`).
-    Texts are stripped of surrounding whitespace; empty texts are kept. Raises DataError for an
-    empty dataset or a label outside the label set.
+    `lines` (the file line of each row) lets errors name a line instead of a row number.
+    Texts are stripped of surrounding whitespace. Raises DataError for an empty dataset, a label
+    outside the label set, or a blank text (a model cannot learn anything from it, and a blank
+    text usually means a shifted or mistyped column).
     """
     if not table_rows:
         raise DataError(f"{source} has no data rows")
     label_of = label_of if label_of is not None else {name: i for i, name in enumerate(label_names)}
     labels = []
-    for row_number, raw in enumerate(_raw_labels(table_rows, source, columns.label), start=1):
+    for index, raw in enumerate(_raw_labels(table_rows, source, columns.label, lines)):
         if raw not in label_of:
             raise DataError(
-                f"unknown label `{raw}` in {source} (row {row_number}); known labels: "
+                f"unknown label `{raw}` in {_where(source, index, lines)}; known labels: "
                 f"{', '.join(label_names)}; set data.labels"
             )
         labels.append(label_of[raw])
 
     def column(name: str | None) -> list[str] | None:
-        return None if name is None else [row.get(name, "").strip() for row in table_rows]
+        if name is None:
+            return None
+        cells = [row.get(name, "").strip() for row in table_rows]
+        blank = next((index for index, cell in enumerate(cells) if not cell), None)
+        if blank is not None:
+            raise DataError(
+                f"blank text in {_where(source, blank, lines)}, column `{name}`; "
+                "fill it in or remove the row"
+            )
+        return cells
 
     texts = column(columns.text)
     assert texts is not None
@@ -359,8 +416,8 @@ class _Source:
 
 
 def _read(path: Path, format: str, header: bool, errors: str = "strict") -> _Table:
-    columns, rows = read_table(path, format, header, errors)
-    return _Table(path.name, columns, rows)
+    columns, rows, lines = _read_rows(path, format, header, errors)
+    return _Table(path.name, columns, rows, lines)
 
 
 def _package_root(package: str, pip_spec: str, cfg: DataConfig) -> Path:
@@ -570,6 +627,21 @@ def _configured_columns(defaults: Columns, cfg: DataConfig) -> Columns:
     )
 
 
+def _check_label_count(label_names: Sequence[str], source: str, column: str, configured: bool) -> None:
+    # One class would make transformers build a regression head (num_labels=1), and a task
+    # with nothing to tell apart: refuse it rather than train something meaningless.
+    if len(label_names) >= 2:
+        return
+    if configured:
+        raise DataError(f"data.labels lists {len(label_names)} label(s); a classifier needs at least two")
+    if not label_names:
+        raise DataError(f"{source} has no data rows")
+    raise DataError(
+        f"{source} has only the label `{label_names[0]}` in column `{column}`; a classifier "
+        "needs at least two classes (wrong data.label_column?)"
+    )
+
+
 def load_task(cfg: DataConfig, seed: int) -> TaskData:
     """Load the train and test splits that `cfg` describes; random steps derive from `seed`.
 
@@ -588,16 +660,23 @@ def load_task(cfg: DataConfig, seed: int) -> TaskData:
     tables = [source.train] if source.test is None else [source.train, source.test]
     for table in tables:
         _check_columns(table, columns)
-    train_labels = _raw_labels(source.train.rows, source.train.source, columns.label)
+    train_labels = _raw_labels(
+        source.train.rows, source.train.source, columns.label, source.train.lines
+    )
     label_names = infer_label_names(train_labels, cfg.labels or source.labels)
+    _check_label_count(label_names, source.train.source, columns.label, cfg.labels is not None)
     label_of = label_index(label_names, train_labels)
-    train = build_dataset(source.train.rows, source.train.source, columns, label_names, label_of)
+    train = build_dataset(
+        source.train.rows, source.train.source, columns, label_names, label_of, source.train.lines
+    )
     if source.test is None:
         train, test = holdout_split(
             train, cfg.test_fraction, np.random.default_rng([seed, _HOLDOUT_STREAM])
         )
     else:
-        test = build_dataset(source.test.rows, source.test.source, columns, label_names, label_of)
+        test = build_dataset(
+            source.test.rows, source.test.source, columns, label_names, label_of, source.test.lines
+        )
     train = subsample(
         train, cfg.max_train_samples, np.random.default_rng([seed, _TRAIN_SUBSET_STREAM])
     )

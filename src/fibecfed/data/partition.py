@@ -259,6 +259,14 @@ def _check_min_samples(train_parts: Parts, cfg: PartitionConfig) -> None:
     small = [device for device, part in enumerate(train_parts) if len(part) < cfg.min_samples]
     if not small:
         return
+    total = sum(len(part) for part in train_parts)
+    if cfg.scheme != "natural" and total < len(train_parts) * cfg.min_samples:
+        # No draw of the skew could fix this: say so instead of blaming alpha.
+        raise DataError(
+            f"{total} training samples cannot give each of partition.num_devices={len(train_parts)} "
+            f"devices partition.min_samples={cfg.min_samples}; set partition.num_devices="
+            f"{total // cfg.min_samples} or fewer, or use more data"
+        )
     first = small[0]
     more = (
         f" ({len(small) - 1} more devices below partition.min_samples={cfg.min_samples})"
