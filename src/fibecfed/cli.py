@@ -24,9 +24,13 @@ def quiet_libraries() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fibecfed import runtimes
+    from fibecfed.checks import preflight
     from fibecfed.config import load_config
 
     config = load_config(args.config, args.overrides)
+    # Bad data or a bad model folder is refused here, before --fresh deletes a checkpoint or the
+    # run writes its config.json.
+    preflight(config)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if args.fresh and (out / "checkpoint.pt").exists():
         (out / "checkpoint.pt").unlink()
@@ -50,16 +54,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fibecfed.compare import DEFAULT_SWEEP_MBPS, compare, parse_bandwidths, parse_methods
+    from fibecfed.checks import preflight
+    from fibecfed.compare import DEFAULT_SWEEP_MBPS, compare, parse_bandwidths, parse_methods, parse_seeds
 
     methods = parse_methods(args.methods)
     sweep = parse_bandwidths(args.bandwidths) if args.bandwidths else list(DEFAULT_SWEEP_MBPS)
-    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    seeds = parse_seeds(args.seeds)
     out = Path(args.out) if args.out else Path("runs") / ("compare-" + time.strftime("%Y%m%d-%H%M%S"))
     result = compare(
         methods, seeds, out, config=args.config, overrides=args.overrides, target=args.target,
         target_share=args.target_share, reference=args.reference, progress=not args.no_progress,
         metric=args.metric, report_only=args.report_only, personalized_target=args.personalized_target, sweep_mbps=sweep,
+        preflight=preflight,
     )
     print((out / "comparison.md").read_text())
     plots = "comparison.png, bandwidth.png" if (out / "bandwidth.png").is_file() else "comparison.png"
@@ -119,6 +125,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     return args
 
 
+def one_line(message: str) -> str:
+    """A message as one line: some messages quote text that has line breaks (YAML errors)."""
+    return " / ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
@@ -132,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FibecfedError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume from the last completed round", file=sys.stderr)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fibecfed import outputs
-from fibecfed.config import load_config
+from fibecfed.config import RunConfig, load_config
 from fibecfed.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -179,6 +179,26 @@ def sweep_mismatch_s(rows: Sequence[dict[str, Any]], mbps: float) -> float | Non
     if series is None or not rows or rows[-1].get("sim_time_s") is None:
         return None
     return abs(series[-1] - rows[-1]["sim_time_s"])
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds 0,1,2` as integers >= 0."""
+    seeds = []
+    for item in str(text).split(","):
+        if not item.strip():
+            continue
+        try:
+            seed = int(item)
+        except ValueError:
+            raise ConfigError(f"--seeds: {item.strip()!r} is not an integer; write e.g. 0,1,2") from None
+        if seed < 0:
+            raise ConfigError(f"--seeds: {seed} must be >= 0")
+        seeds.append(seed)
+    if not seeds:
+        raise ConfigError("--seeds is empty; write e.g. 0,1,2")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds lists a seed twice: {text}")
+    return seeds
 
 
 def parse_bandwidths(text: str) -> list[float]:
@@ -705,6 +725,7 @@ def compare(
     report_only: bool = False,
     personalized_target: float | None = None,
     sweep_mbps: Sequence[float] = DEFAULT_SWEEP_MBPS,
+    preflight: Callable[[RunConfig], None] | None = None,
 ) -> dict[str, Any]:
     """Run every method for every seed, one after another in this process, then write the report:
     comparison.json (keys in `summarise`), comparison.md, comparison.png and bandwidth.png.
@@ -715,13 +736,14 @@ def compare(
     The reference is fedavg if listed, else the first method.
     sweep_mbps: link speeds at which to recompute the time to target from the runs' device costs.
     report_only: rebuild the report from finished run folders without running anything.
+    preflight: a check of each config's data and model (fibecfed.checks.preflight), run on every
+    config before the comparison folder is created or the first run starts.
     """
     from fibecfed import runtimes
 
     if metric not in ("accuracy", "f1", "mcc"):
         raise ConfigError(f"--metric must be accuracy, f1 or mcc, got {metric!r}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     labels = [m.label for m in methods]
     reference = reference or ("fedavg" if "fedavg" in labels else labels[0])
     if reference not in labels:
@@ -730,6 +752,17 @@ def compare(
     configs = {
         (m.label, seed): load_config(config, [*overrides, *m.overrides, f"seed={seed}"]) for m in methods for seed in seeds
     }
+    if preflight is not None and not report_only:
+        checked: list[dict[str, Any]] = []
+        for run_config in configs.values():
+            # Methods differ in switches that data and model checks do not read: check each
+            # distinct (seed, data, partition, model, lora) once.
+            key = {part: getattr(run_config, part) for part in ("seed", "data", "partition", "model", "lora")}
+            key["devices_per_round"] = run_config.federation.devices_per_round
+            if key not in checked:
+                checked.append(key)
+                preflight(run_config)
+    out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[list[dict[str, Any]]]] = {m.label: [] for m in methods}
     for m in methods:
         for seed in seeds:

@@ -616,7 +616,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
             parsed = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+        except Exception:  # noqa: BLE001
+            # Not YAML (or YAML that cannot be built: `2001-02-30` is a date with no such day,
+            # thousands of `[` exceed the recursion limit): keep the text; the type check of the
+            # key then says what it wants.
             parsed = raw
         _set_dotted(result, key, OverrideValue(raw, parsed))
     return result
@@ -653,6 +656,11 @@ def read_yaml(path_or_preset: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config {path_or_preset} is not valid YAML: {problem}{where}") from None
+    except (ValueError, RecursionError) as exc:  # e.g. a date with no such day
         raise ConfigError(f"config {path_or_preset} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path_or_preset} must be a mapping of keys")

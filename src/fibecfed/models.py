@@ -9,9 +9,12 @@ Two heads:
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import logging
 import os
+import socket
+import urllib.parse
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +122,141 @@ def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
     return name
 
 
+# What a Hugging Face model folder must hold: from_pretrained reads one of these weight files.
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def check_model_folder(folder: Path) -> None:
+    """Raise ModelError unless `folder` has a config.json and weights (before any loading)."""
+    hint = "a Hugging Face model folder holds config.json, the weights and the tokenizer files"
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"model folder {folder} has no config.json ({hint})")
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise ModelError(f"model folder {folder} has no weights (*.safetensors or *.bin) ({hint})")
+
+
+def _looks_like_a_path(name: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else with a slash, or a leading . / ~, is a folder.
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _in_hub_cache(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def resolve_model_source(name: str, cache_dir: str | None = None) -> str:
+    """`resolve_model_path`, refusing what cannot load with one clear ModelError: a missing folder,
+    a folder without config.json or weights, or a hub id that is neither cached nor reachable
+    (transformers would retry for half a minute and then print a paragraph)."""
+    if name in PACKAGED_MODELS:
+        path = Path(resolve_model_path(name, cache_dir))
+        check_model_folder(path)
+        return str(path)
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        check_model_folder(folder)
+        return str(folder)
+    if folder.exists():
+        raise ModelError(f"model.name={name} is a file; give the folder that holds config.json and the weights")
+    packaged = ", ".join(alias for alias in PACKAGED_MODELS if "/" not in alias)
+    if _looks_like_a_path(name):
+        raise ModelError(f"model folder {name} not found (model.name; packaged models: {packaged})")
+    if _in_hub_cache(name):
+        return name
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        reason = "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
+    elif not _hub_reachable():
+        reason = "the Hugging Face hub cannot be reached to download it"
+    else:
+        return name
+    raise ModelError(
+        f"model.name={name!r} is not a local folder nor a packaged model ({packaged}), and {reason}; "
+        "give a model folder or a packaged name"
+    )
+
+
+def _model_class(head: str) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForCausalLM if head == "verbalizer" else AutoModelForSequenceClassification
+
+
+def model_modules(path: str, head: str = "classifier") -> tuple[list[str], list[str]]:
+    """Dotted names of every module of the model at `path`, and the last name part of its linear
+    layers (what LoRA usually targets). The model is built on the meta device: no weights are
+    read and no memory is allocated, so this takes milliseconds even for a large model."""
+    from transformers import AutoConfig
+    from transformers.pytorch_utils import Conv1D
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = _model_class(head).from_config(config)
+    names = [name for name, _ in model.named_modules() if name]
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))})
+    return names, linear
+
+
+def check_target_modules(targets: list[str], names: list[str], linear: list[str], model_name: str) -> None:
+    """Every LoRA target must name some module. peft matches a name or a dotted suffix of one
+    (`query` matches `encoder.layer.0.attention.self.query`); peft itself only fails when *no*
+    target matches, so a typo next to a correct name would silently adapt less than asked."""
+    if targets == ["all-linear"]:  # peft's own keyword
+        return
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if not unmatched:
+        return
+    close = difflib.get_close_matches(unmatched[0], linear, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ModelError(
+        f"lora.target_modules: no module of {model_name!r} is named {', '.join(unmatched)}{hint}; "
+        f"its linear layers are: {', '.join(linear)}"
+    )
+
+
+def check_model(name: str, head: str, target_modules: list[str] | str, cache_dir: str | None = None) -> None:
+    """Refuse a model that cannot load or cannot take the requested head and LoRA targets,
+    without reading its weights."""
+    path = resolve_model_source(name, cache_dir)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot read the config of model {name!r}: {_first_line(exc)}") from None
+    decoder = _is_decoder(config)
+    if head == "verbalizer" and not decoder:
+        raise ModelError(f"model.head=verbalizer needs a decoder (causal LM); {name!r} is an encoder")
+    head = ("verbalizer" if decoder else "classifier") if head == "auto" else head
+    targets = default_target_modules(config.model_type, None) if target_modules == "auto" else target_modules
+    try:
+        names, linear = model_modules(path, head)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot build model {name!r} from its config: {_first_line(exc)}") from None
+    check_target_modules([targets] if isinstance(targets, str) else list(targets), names, linear, name)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _is_decoder(config: Any) -> bool:
     archs = getattr(config, "architectures", None) or []
     if any("CausalLM" in a or "LMHead" in a for a in archs):
@@ -126,7 +264,7 @@ def _is_decoder(config: Any) -> bool:
     return getattr(config, "model_type", "") in {"llama", "mistral", "qwen2", "gpt2", "gpt_neox", "phi", "gemma"}
 
 
-def default_target_modules(model_type: str, model: nn.Module) -> list[str]:
+def default_target_modules(model_type: str, model: nn.Module | None) -> list[str]:
     if model_type in DEFAULT_TARGET_MODULES:
         return DEFAULT_TARGET_MODULES[model_type]
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -176,13 +314,12 @@ def load_model(
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    path = resolve_model_path(name, cache_dir)
+    path = resolve_model_source(name, cache_dir)
     try:
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load model {name!r}: {first}") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot load model {name!r}: {_first_line(exc)}") from None
     decoder = _is_decoder(config)
     if head == "auto":
         head = "verbalizer" if decoder else "classifier"
@@ -196,16 +333,21 @@ def load_model(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        try:
+            if head == "classifier":
+                # ignore_mismatched_sizes: a checkpoint fine-tuned for another label set gets a fresh head.
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=num_labels, dtype=torch.float32, ignore_mismatched_sizes=True
+                )
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except (OSError, ValueError) as exc:  # e.g. truncated or corrupt weight files
+            raise ModelError(f"cannot load the weights of model {name!r}: {_first_line(exc)}") from None
         if head == "classifier":
-            # ignore_mismatched_sizes: a checkpoint fine-tuned for another label set gets a fresh head.
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, dtype=torch.float32, ignore_mismatched_sizes=True
-            )
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
             task_type = "SEQ_CLS"
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
             task_type = "CAUSAL_LM"
         targets = default_target_modules(config.model_type, model) if target_modules == "auto" else target_modules
         if isinstance(targets, str):
