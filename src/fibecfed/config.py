@@ -228,8 +228,14 @@ class FederationConfig:
     # Both runtimes: a round with an injected hang (faults.kinds) lasts this long in simulated time.
     device_timeout_s: float = 3600.0
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    # In-process runtime: how many devices' private states stay in memory; the others live in
+    # <out>/devices/ (fibecfed.device_store). Changes nothing in the results, so a run may
+    # resume with another value.
+    device_cache: int = 32
 
     def _check(self, issues: list[str]) -> None:
+        if self.device_cache < 0:
+            issues.append(f"federation.device_cache must be >= 0, got {self.device_cache}")
         if self.device_timeout_s <= 0:
             issues.append(f"federation.device_timeout_s must be > 0, got {self.device_timeout_s}")
         if self.rounds < 1:

@@ -25,7 +25,7 @@ from fibecfed.fisher import FisherAccumulator, head_fisher_trace, score_and_fish
 from fibecfed.evaluation import classification_metrics, predict
 from fibecfed.heads import HeadOutput, class_logits, class_logits_and_features
 from fibecfed.layers import layer_sensitivity
-from fibecfed.masks import neuron_importance, neuron_masks, rank_importance, update_fisher_momentum
+from fibecfed.masks import base_key, fisher_sums, importance_from_sums, neuron_masks, update_fisher_momentum
 from fibecfed.models import LoadedModel
 from fibecfed.training import NonFiniteLossError, local_train, num_local_steps, sample_batches
 
@@ -226,8 +226,9 @@ def _store_scores(device_state: DeviceState, scores: torch.Tensor, fisher: dict[
     device_state.extra["scores"] = scores
     device_state.extra["scored_round"] = round_num
     if fisher is not None and "fisher" not in device_state.extra:
-        # The first Fisher of the sparse update comes with adapter scores, at no extra cost.
-        device_state.extra["fisher"] = fisher
+        # The first Fisher of the sparse update comes with adapter scores, at no extra cost; kept
+        # as the row (and lora_B column) sums the masks need (masks.fisher_sums).
+        device_state.extra["fisher"] = fisher_sums(fisher)
 
 
 def initial_difficulty(
@@ -294,10 +295,11 @@ def curriculum_round_pool(
 def masks_from_fisher(
     fisher: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size], settings: SparseSettings
 ) -> dict[str, torch.Tensor]:
-    """Row masks keeping the top share ρ of each LoRA matrix's neurons by Fisher importance."""
-    importance = neuron_importance({k: fisher[k] for k in shapes})
-    if settings.lora_a_importance == "rank":
-        importance = rank_importance(fisher, importance)
+    """Row masks keeping the top share ρ of each LoRA matrix's neurons by Fisher importance.
+
+    `fisher`: the full diagonal (key -> the parameter's shape) or its `masks.fisher_sums`; both
+    give the same masks."""
+    importance = importance_from_sums(fisher_sums(fisher), shapes, settings.lora_a_importance == "rank")
     return neuron_masks(importance, shapes, settings.share)
 
 
@@ -322,7 +324,8 @@ def sparse_update_masks(
     lora_keys = [k for k in personal_keys if is_lora_key(k)]
     if not lora_keys:
         return {}, []
-    fisher = device_state.extra.get("fisher") or {}
+    # fisher_sums: a state saved before the Fisher was kept as sums holds the full diagonal.
+    fisher = fisher_sums(device_state.extra.get("fisher") or {})
     if settings.fisher_source == "probe":
         probe_size = min(settings.fisher_samples, len(pool))
         probe = _length_sorted(train, rng.choice(np.asarray(pool), probe_size, replace=False).tolist())
@@ -330,7 +333,7 @@ def sparse_update_masks(
         _, fisher_now = score_and_fisher(
             runner.loaded.model, personal_params, runner.logits, lambda idx: runner.batch(train, idx), probe, settings.batch_size
         )
-        fisher = {**fisher, **update_fisher_momentum(fisher, fisher_now, settings.gamma)}
+        fisher = {**fisher, **update_fisher_momentum(fisher, fisher_sums(fisher_now), settings.gamma)}
         device_state.extra["fisher"] = fisher
     known = [k for k in lora_keys if k in fisher]
     missing = [k for k in lora_keys if k not in fisher]
@@ -509,10 +512,12 @@ def device_round(
         )
     if accumulator is not None:
         # F_t = γ F_{t-1} + (1-γ) F~_t with F~_t from this round's own training steps.
-        previous = device_state.extra.get("fisher") or {}
-        updated = update_fisher_momentum(previous, accumulator.fisher(), sparse.gamma)
+        # Momentum of the sums (masks.fisher_sums): the sums of the momentum, up to float rounding.
+        previous = fisher_sums(device_state.extra.get("fisher") or {})
+        updated = update_fisher_momentum(previous, fisher_sums(accumulator.fisher()), sparse.gamma)
         # Layers that did not train this round keep their momentum; layers that are aggregated now drop theirs.
-        kept = {k: v for k, v in previous.items() if k in set(personal_keys) and k not in updated}
+        personal = set(personal_keys)
+        kept = {k: v for k, v in previous.items() if base_key(k) in personal and k not in updated}
         device_state.extra["fisher"] = {**kept, **updated}
     if recorded:
         position = {index: i for i, index in enumerate(train_indices)}

@@ -32,11 +32,36 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """torch.save to a temporary file, then rename: a kill mid-write leaves the old checkpoint."""
+def fsync_folder(folder: Path) -> None:
+    """Make the renames inside `folder` durable (POSIX: a rename lives in the folder's entry)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any], sync_folder: bool = True) -> int:
+    """torch.save `payload` to `path` atomically and durably; returns the bytes written.
+
+    Written to a temporary file in the same folder, flushed and fsynced, then renamed over
+    `path`: a kill at any point leaves either the old file or the new one, whole. With
+    `sync_folder` the folder is fsynced too, so the rename survives a power cut (pass False when
+    writing many files, then call `fsync_folder` once).
+    """
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+        written = f.tell()
     os.replace(tmp, path)
+    if sync_folder:
+        fsync_folder(path.parent)
+    return written
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:

@@ -9,11 +9,10 @@ same output folder resumes after the last completed round.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from fibecfed.config import RunConfig, config_to_dict
 from fibecfed.data.loaders import load_task
 from fibecfed.data.partition import partition_task
 from fibecfed.data.types import TaskData
+from fibecfed.device_store import DeviceStore, state_from_payload, state_to_payload
 from fibecfed.encoding import encode_dataset
 from fibecfed.errors import ConfigError
 from fibecfed.evaluation import classification_metrics
@@ -49,6 +49,13 @@ from fibecfed.training import NonFiniteLossError
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+# Format 2: the server state and the states of the devices that changed in its round
+# ("changed_devices"); every device's latest state lives in DEVICES/<device>.pt
+# (device_store). Format 1 (no "format" key) held every device's state ("device_states").
+CHECKPOINT_FORMAT = 2
+DEVICES = "devices"
+# Config keys that change how a run is carried out, not its results: a run resumes with other values.
+RESUME_FREE = (("federation", "device_cache"),)
 
 
 @dataclass
@@ -176,17 +183,38 @@ def curriculum_settings(config: RunConfig) -> CurriculumSettings | None:
     )
 
 
-def _same_config(saved: dict[str, Any], current: dict[str, Any]) -> bool:
-    """Equal, except that keys the saved run predates (added to fibecfed since) are ignored."""
+def _same_config(saved: dict[str, Any], current: dict[str, Any], path: tuple[str, ...] = ()) -> bool:
+    """Equal, except that keys the saved run predates (added to fibecfed since) and the
+    RESUME_FREE keys are ignored."""
     for key, value in saved.items():
+        if path + (key,) in RESUME_FREE:
+            continue
         if key not in current:
             return False
         if isinstance(value, dict) and isinstance(current[key], dict):
-            if not _same_config(value, current[key]):
+            if not _same_config(value, current[key], path + (key,)):
                 return False
         elif value != current[key]:
             return False
     return True
+
+
+def checkpoint_device_states(checkpoint: Mapping[str, Any]) -> dict[int, DeviceState]:
+    """The device states a checkpoint holds: format 2, the devices its round changed; format 1,
+    every device's (each a DeviceState, an old full-diagonal Fisher converted to its sums)."""
+    states = checkpoint.get("changed_devices", checkpoint.get("device_states", {}))
+    return {int(device): state_from_payload(payload) for device, payload in states.items()}
+
+
+def read_device_states(out: str | Path) -> dict[int, DeviceState]:
+    """Every device's latest state in a run folder (its device files, then its checkpoint's
+    changed devices over them, as a resume sees them); devices that never trained have none."""
+    out = Path(out)
+    states = dict(DeviceStore(out / DEVICES, cache_size=0).states())
+    checkpoint = outputs.load_checkpoint(out / CHECKPOINT)
+    if checkpoint is not None:
+        states.update(checkpoint_device_states(checkpoint))
+    return dict(sorted(states.items()))
 
 
 def personalized_metrics(
@@ -194,31 +222,39 @@ def personalized_metrics(
     test: Any,
     device_indices: list[list[int]],
     global_state: dict[str, torch.Tensor],
-    personal: dict[int, dict[str, torch.Tensor]],
+    personal: Mapping[int, dict[str, torch.Tensor]] | Iterable[tuple[int, dict[str, torch.Tensor]]],
     batch_size: int,
     num_classes: int,
 ) -> dict[str, float]:
     """Every device's own model (its personal entries over the global state) on its own test
     indices, the predictions of all devices pooled into one accuracy / f1 / mcc.
 
-    A device that never trained, or a method without personal state, uses the global model:
-    those devices are evaluated together in one pass.
+    `personal`: a dict, or (device, entries) pairs in device order, consumed one at a time (a
+    DeviceStore streams them from disk). A device that never trained, or a method without
+    personal state, uses the global model: those devices are evaluated together in one pass.
     """
-    shared = [i for d, part in enumerate(device_indices) if not personal.get(d) for i in part]
-    preds, labels = [], []
-    runner.load_state(global_state)
-    if shared:
-        preds.append(runner.predictions(test, shared, batch_size))
-        labels.append(test.labels[shared])
-    for device, state in sorted(personal.items()):
+    pairs = sorted(personal.items()) if isinstance(personal, Mapping) else personal
+    own_preds, own_labels, own = [], [], set()
+    for device, state in pairs:
         part = device_indices[device]
-        if not state or not part:
+        if not state:
+            continue
+        own.add(device)
+        if not part:
             continue
         runner.load_state(global_state)
         runner.load_state(state, strict=False)
-        preds.append(runner.predictions(test, part, batch_size))
-        labels.append(test.labels[part])
+        own_preds.append(runner.predictions(test, part, batch_size))
+        own_labels.append(test.labels[part])
+    shared = [i for d, part in enumerate(device_indices) if d not in own for i in part]
+    preds, labels = [], []
     runner.load_state(global_state)
+    if shared:
+        # First, as before streaming: the pooled predictions keep their order.
+        preds.append(runner.predictions(test, shared, batch_size))
+        labels.append(test.labels[shared])
+    preds += own_preds
+    labels += own_labels
     if not preds:
         return {"accuracy": None, "f1": None, "mcc": None}
     return classification_metrics(torch.cat(preds), torch.as_tensor(torch.cat([torch.as_tensor(x) for x in labels])), num_classes)
@@ -301,6 +337,8 @@ class Simulation:
         self.out = Path(out_dir)
         self.progress = progress
         self.resume = resume
+        # Bytes of checkpoint + device files written in each round this process ran.
+        self.bytes_written: list[int] = []
 
     def _check_existing(self) -> dict[str, Any] | None:
         """Return a checkpoint to resume from, or None; refuse to mix two different runs."""
@@ -327,12 +365,16 @@ class Simulation:
 
         if checkpoint is not None:
             server = Server.from_checkpoint(settings, checkpoint)
-            device_states = {int(k): DeviceState(**v) for k, v in checkpoint["device_states"].items()}
+            store = DeviceStore(self.out / DEVICES, cfg.federation.device_cache)
+            # A kill after the checkpoint but before (all) its device files: write them now.
+            store.restore(checkpoint_device_states(checkpoint))
             logger.info("resuming %s after round %d", self.out, checkpoint["round"])
         else:
+            # Device files of an earlier run in this folder (--fresh) are not this run's.
+            shutil.rmtree(self.out / DEVICES, ignore_errors=True)
+            store = DeviceStore(self.out / DEVICES, cfg.federation.device_cache)
             server = Server(settings, initial_state)
-            device_states = {}
-            server.record_start(self._evaluate(prepared, server.global_state, device_states, num_classes))
+            server.record_start(self._evaluate(prepared, server.global_state, store, num_classes))
         outputs.write_metrics(self.out / "metrics.jsonl", server.history)
 
         bar = None
@@ -346,24 +388,28 @@ class Simulation:
             request = server.probe_request(round_num)
             probes = self._probe_global_model(prepared, server.global_state, request) if request is not None else None
             plan = server.plan_round(round_num, probes)
-            updates, failed, backups = self._train_devices(prepared, plan, server.global_state, device_states, initial_state)
+            updates, failed = self._train_devices(prepared, plan, server.global_state, store, initial_state)
             result = server.finish_round(plan, updates, failed)
             for device in result.dropped:
-                # A device whose update had NaN/inf keeps the state it had before this round.
-                device_states[device] = backups[device]
+                # A device whose update the server rejected keeps the state it had before this round.
+                store.discard(device)
             evaluation = None
             if result.evaluate:
-                evaluation = self._evaluate(prepared, server.global_state, device_states, num_classes, plan.exchanged_keys)
+                evaluation = self._evaluate(prepared, server.global_state, store, num_classes, plan.exchanged_keys)
             row = server.record_round(result, evaluation, time.perf_counter() - started)
             outputs.write_metrics(self.out / "metrics.jsonl", server.history)
-            outputs.save_checkpoint(
+            # The checkpoint first, with the round's new device states in it; then the device
+            # files: they are never ahead of the checkpoint (device_store).
+            written = outputs.save_checkpoint(
                 self.out / CHECKPOINT,
                 {
+                    "format": CHECKPOINT_FORMAT,
                     "config": config_to_dict(cfg),
-                    "device_states": {k: dataclasses.asdict(v) for k, v in device_states.items()},
+                    "changed_devices": {k: state_to_payload(v) for k, v in store.staged().items()},
                     **server.to_checkpoint(),
                 },
             )
+            self.bytes_written.append(written + store.commit())
             if bar is not None:
                 self._show_progress(bar, server.history, row)
         if bar is not None:
@@ -376,32 +422,28 @@ class Simulation:
         return {d: probe_device(self.config, prepared, d, request.round_num, global_state, request.settings) for d in request.devices}
 
     def _train_devices(
-        self, prepared: Prepared, plan: RoundPlan, global_state: dict, device_states: dict[int, DeviceState],
-        initial_state: dict,
-    ) -> tuple[list[DeviceUpdate], dict[int, str], dict[int, DeviceState]]:
-        """The in-process transport: each planned device trains in turn on the one model.
+        self, prepared: Prepared, plan: RoundPlan, global_state: dict, store: DeviceStore, initial_state: dict,
+    ) -> tuple[list[DeviceUpdate], dict[int, str]]:
+        """The in-process transport: each planned device trains in turn on the one model, on a
+        working copy of its state, staged in `store` if its round completes.
 
-        Returns the updates, the devices that sent none with the reason ("error": their round
-        raised, their state is put back; "timeout": an injected hang), and every device's state
-        from before the round (for the server's rejected updates).
+        Returns the updates and the devices that sent none with the reason ("error": their round
+        raised, their stored state stays; "timeout": an injected hang).
         """
         cfg = self.config
         updates: list[DeviceUpdate] = []
         failed: dict[int, str] = {}
-        backups: dict[int, DeviceState] = {}
         errors: list[Exception] = []
         injected = faults.round_faults(cfg.seed, plan.round_num, plan.devices, cfg.federation.faults.share,
                                        cfg.federation.faults.kinds)
         for device in plan.devices:
-            state = device_states.setdefault(device, DeviceState())
-            backup = copy.deepcopy(state)
-            backups[device] = backup
             if injected.get(device) == "hang":
                 # One process cannot pre-empt a device: its reply would come after the deadline,
                 # so it does not train at all (config.FaultsConfig).
                 logger.warning("device %d does not answer in round %d (injected hang): timed out", device, plan.round_num)
                 failed[device] = "timeout"
                 continue
+            state = store.checkout(device)
             try:
                 # The whole global state: a device's first participation starts its personal
                 # layers from their global values.
@@ -414,16 +456,16 @@ class Simulation:
                 expected = isinstance(exc, (NonFiniteLossError, faults.InjectedFault))
                 logger.warning("device %d failed in round %d (%s: %s); it is left out of this round",
                                device, plan.round_num, type(exc).__name__, exc, exc_info=not expected)
-                device_states[device] = backup
                 failed[device] = "error"
                 if not expected:
                     errors.append(exc)
                 continue
+            store.stage(device, state)
             updates.append(update)
         if errors and len(errors) == len(plan.devices):
             # The same code broke on every device: a bug or a broken setup, not a device's fault.
             raise errors[0]
-        return updates, failed, backups
+        return updates, failed
 
     @staticmethod
     def _show_progress(bar: Any, history: list[dict[str, Any]], row: dict[str, Any]) -> None:
@@ -437,7 +479,7 @@ class Simulation:
         bar.update(1)
 
     def _evaluate(
-        self, prepared: Prepared, global_state: dict, device_states: dict[int, DeviceState], num_classes: int,
+        self, prepared: Prepared, global_state: dict, store: DeviceStore, num_classes: int,
         exchanged: list[str] | None = None,
     ) -> dict[str, Any]:
         """The global model on the central test subset, and every device's own model on its own
@@ -447,7 +489,8 @@ class Simulation:
         row = central_evaluation(prepared, global_state, self.config.train.eval_batch_size, num_classes)
         if self.config.federation.personalized_eval:
             shared = set(exchanged or [])
-            personal = {d: {k: v for k, v in s.personal.items() if k not in shared} for d, s in device_states.items()}
+            # Streamed from the store, one device at a time: never every device's state at once.
+            personal = ((d, {k: v for k, v in s.personal.items() if k not in shared}) for d, s in store.states())
             pooled = personalized_metrics(runner, prepared.test, prepared.device_eval_indices, global_state,
                                           personal, self.config.train.eval_batch_size, num_classes)
             row.update({f"personalized_{k}": v for k, v in pooled.items()})

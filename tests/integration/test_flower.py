@@ -13,7 +13,8 @@ pytest.importorskip("flwr")
 from safetensors.torch import load_file  # noqa: E402
 
 from fibecfed.config import load_config  # noqa: E402
-from fibecfed.simulator import CHECKPOINT, Simulation  # noqa: E402
+from fibecfed.device_store import state_to_payload  # noqa: E402
+from fibecfed.simulator import Simulation, read_device_states  # noqa: E402
 from tests.conftest import tiny_run_overrides  # noqa: E402
 
 pytestmark = pytest.mark.flower
@@ -52,7 +53,7 @@ def test_flower_simulation_matches_inprocess(tiny_encoder_dir, tmp_path, method,
         "global adapter",
     )
     # The same private state on every device: personal entries, Fisher momentum, difficulty scores.
-    checkpoint = torch.load(tmp_path / "inprocess" / CHECKPOINT, weights_only=False)
+    checkpoint = {"device_states": {d: state_to_payload(s) for d, s in read_device_states(tmp_path / "inprocess").items()}}
     assert set(checkpoint["device_states"]) == {0, 1}
     for device, expected in checkpoint["device_states"].items():
         node = torch.load(tmp_path / "node-states" / f"device-{device}.pt", weights_only=False)
@@ -171,8 +172,8 @@ def test_injected_faults_on_flower_match_the_inprocess_run(tiny_encoder_dir, tmp
     )
     # A node whose round failed or was rejected kept its state from before that round: device 1
     # never finished a round, device 0 finished rounds 1 and 3.
-    states = torch.load(tmp_path / "inprocess" / CHECKPOINT, weights_only=False)["device_states"]
-    assert states[1]["participations"] == 0 and not (tmp_path / "node-states" / "device-1.pt").exists()
+    states = {d: state_to_payload(s) for d, s in read_device_states(tmp_path / "inprocess").items()}
+    assert 1 not in states and not (tmp_path / "node-states" / "device-1.pt").exists()
     node = torch.load(tmp_path / "node-states" / "device-0.pt", weights_only=False)
     assert node["participations"] == states[0]["participations"] == 2
     _assert_close(states[0]["personal"], node["personal"], "device 0 personal")

@@ -24,7 +24,8 @@ from fibecfed.faults import (
     round_faults,
 )
 from fibecfed.server import REJECTION_REASONS
-from fibecfed.simulator import CHECKPOINT, Simulation
+from fibecfed.device_store import state_to_payload
+from fibecfed.simulator import CHECKPOINT, Simulation, read_device_states
 from tests.conftest import tiny_run_overrides
 
 KINDS = list(FAULT_KINDS)
@@ -114,7 +115,9 @@ def _faulty_run(model_dir, out, rounds=5):
     config = load_config(None, tiny_run_overrides(model_dir, rounds) + FAULTY)
     summary = Simulation(config, out).run()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return summary, rows, torch.load(out / CHECKPOINT, weights_only=False)
+    checkpoint = torch.load(out / CHECKPOINT, weights_only=False)
+    checkpoint["device_states"] = {d: state_to_payload(s) for d, s in read_device_states(out).items()}
+    return summary, rows, checkpoint
 
 
 def test_a_run_with_30_percent_faulty_devices_completes_and_counts_them(tiny_encoder_dir, tmp_path):
@@ -138,6 +141,7 @@ def test_a_run_with_30_percent_faulty_devices_completes_and_counts_them(tiny_enc
         sim_time = row["sim_time_s"]
     assert len(injected_kinds) >= 7 and {"raise", "hang"} <= injected_kinds
     # A faulty device's round did not count: its state is the one from before it.
+    assert set(checkpoint["device_states"]) == {d for d, n in participations.items() if n}
     for device, state in checkpoint["device_states"].items():
         assert state["participations"] == participations[device], device
     totals = collections.Counter()
@@ -200,5 +204,5 @@ def test_any_exception_of_one_device_is_logged_and_survived(tiny_encoder_dir, tm
     failed = row["failed_devices"]
     assert len(failed) == 1 and row["rejected"]["error"] == 1
     assert f"device {failed[0]} failed in round 1 (RuntimeError: CUDA out of memory (pretend))" in caplog.text
-    state = torch.load(tmp_path / CHECKPOINT, weights_only=False)["device_states"][failed[0]]
-    assert state["participations"] == 0 and state["personal"] == {}
+    # It never completed a round: it has no state at all.
+    assert failed[0] not in read_device_states(tmp_path)

@@ -16,7 +16,6 @@ counted as download (see strategy.FibecFedStrategy).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -29,6 +28,7 @@ from flwr.clientapp import ClientApp
 
 from fibecfed import faults, outputs
 from fibecfed.config import RunConfig
+from fibecfed.device_store import state_to_payload
 from fibecfed.federated import ProbeSettings, check_update
 from fibecfed.flower import records
 from fibecfed.layers import transformer_layers
@@ -129,7 +129,7 @@ def train(msg: Message, context: Context, state_dir: str | Path | None = None) -
         folder = context.node_config.get("state-dir") or state_dir
         if folder:
             Path(folder).mkdir(parents=True, exist_ok=True)
-            outputs.save_checkpoint(Path(folder) / f"device-{device}.pt", dataclasses.asdict(state))
+            outputs.save_checkpoint(Path(folder) / f"device-{device}.pt", state_to_payload(state))
     return Message(records.update_content(update), reply_to=msg)
 
 
