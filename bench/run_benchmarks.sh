@@ -4,7 +4,7 @@
 # script can be started again after an interruption. SST-2 is the tuning set (bench/tune.py) and
 # is left out on purpose.
 #   bash bench/run_benchmarks.sh [SHARED_DATASETS] [SEEDS] [METHODS]
-# Then the summary table: python bench/benchmarks.py --summary-only --datasets subj,tweets,tweets-default,tweets-smollm2
+# Then the summary table: python bench/benchmarks.py --summary-only --datasets subj,tweets,tweets-default,tweets-smollm2,tweets-paper
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared=$(cd "${1:-../shared/datasets}" && pwd)
@@ -20,6 +20,9 @@ fib="$(dirname "$0")/../.venv/bin/fibecfed"
   # The decoder (SmolLM2-135M through label words).
   $fib compare --config bench-decoder --no-progress --methods fedavg,fibecfed --seeds "$seeds" \
     --out bench/results/tweets-smollm2
+  # The paper's scale: 100 devices, 10 a round, Dirichlet label skew (preset paper).
+  $fib compare --config paper --no-progress --methods "$methods" --seeds "$seeds" \
+    --out bench/results/tweets-paper
 } > bench/results/stream-a.log 2>&1 &
 {
   $fib compare --config bench --no-progress --methods "$methods" --seeds "$seeds" \
