@@ -118,22 +118,27 @@ def test_kill_between_checkpoint_and_device_files(tiny_encoder_dir, uninterrupte
     assert_same_run(uninterrupted[method], tmp_path)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_kill_during_the_checkpoint_write(tiny_encoder_dir, uninterrupted, tmp_path, monkeypatch, method):
+def run_killed_at_third_checkpoint_rename(model_dir, out, method, monkeypatch) -> None:
+    """Run until round 3's checkpoint is written to its temporary file, then die before the rename."""
     original = os.replace
     calls = {"n": 0}
 
     def die_on_the_third_checkpoint_rename(src, dst):
         if Path(dst).name == CHECKPOINT:
             calls["n"] += 1
-            if calls["n"] == 3:  # round 3's checkpoint is written to its temporary file, not renamed
+            if calls["n"] == 3:
                 raise Killed
         return original(src, dst)
 
     monkeypatch.setattr(os, "replace", die_on_the_third_checkpoint_rename)
     with pytest.raises(Killed):
-        run(tiny_encoder_dir, tmp_path, method)
+        run(model_dir, out, method)
     monkeypatch.setattr(os, "replace", original)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_kill_during_the_checkpoint_write(tiny_encoder_dir, uninterrupted, tmp_path, monkeypatch, method):
+    run_killed_at_third_checkpoint_rename(tiny_encoder_dir, tmp_path, method, monkeypatch)
     assert outputs.load_checkpoint(tmp_path / CHECKPOINT)["round"] == 2  # the previous good one
     assert (tmp_path / (CHECKPOINT + ".tmp")).is_file()
     # No device file is ahead of the checkpoint: round 3's devices were never written.
@@ -148,20 +153,7 @@ def test_kill_during_the_checkpoint_write(tiny_encoder_dir, uninterrupted, tmp_p
 def test_a_format_1_checkpoint_resumes(tiny_encoder_dir, uninterrupted, tmp_path, monkeypatch):
     """An older fibecfed kept every device's state in the checkpoint and no device files."""
     method = "fibecfed"
-    original = os.replace
-    calls = {"n": 0}
-
-    def die_on_the_third_checkpoint_rename(src, dst):
-        if Path(dst).name == CHECKPOINT:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise Killed
-        return original(src, dst)
-
-    monkeypatch.setattr(os, "replace", die_on_the_third_checkpoint_rename)
-    with pytest.raises(Killed):
-        run(tiny_encoder_dir, tmp_path, method)
-    monkeypatch.setattr(os, "replace", original)
+    run_killed_at_third_checkpoint_rename(tiny_encoder_dir, tmp_path, method, monkeypatch)
     checkpoint = outputs.load_checkpoint(tmp_path / CHECKPOINT)
     states = read_device_states(tmp_path)
     old = {k: v for k, v in checkpoint.items() if k not in ("format", "changed_devices")}
