@@ -22,6 +22,7 @@ import torch
 
 from fibecfed import faults, outputs
 from fibecfed.accounting import compute_clock
+from fibecfed.checks import check_devices_per_round, check_label_words
 from fibecfed.config import RunConfig, config_to_dict
 from fibecfed.data.loaders import load_task
 from fibecfed.data.partition import partition_task
@@ -107,17 +108,10 @@ def prepare(config: RunConfig) -> Prepared:
     """Load and partition the data, load the model, tokenise once."""
     task = load_task(config.data, config.seed)
     train_parts, test_parts = partition_task(task, config.partition, config.seed, config.data.group_column is not None)
-    if config.federation.devices_per_round > len(train_parts):
-        raise ConfigError(
-            f"federation.devices_per_round ({config.federation.devices_per_round}) exceeds the "
-            f"{len(train_parts)} devices of the partition"
-        )
+    # The same checks as the CLI's preflight: a Simulation built in code gets them too.
+    check_devices_per_round(config.federation.devices_per_round, len(train_parts))
     label_words = config.model.label_words or default_label_words(task.name, task.label_names)
-    if len(label_words) != len(task.label_names):
-        raise ConfigError(
-            f"model.label_words has {len(label_words)} words but the task has {len(task.label_names)} "
-            f"labels ({', '.join(task.label_names)})"
-        )
+    check_label_words(label_words, task.label_names)
     loaded = load_model(
         config.model.name,
         num_labels=len(task.label_names),
