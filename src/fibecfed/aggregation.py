@@ -89,3 +89,66 @@ def update_problem(state: Mapping[str, object], expected: Mapping[str, torch.Ten
     if bad:
         return UpdateProblem("non_finite", f"NaN or inf in {len(bad)} key(s), e.g. {bad[0]}")
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Server optimisers (Reddi et al. 2021, "Adaptive Federated Optimization"): the weighted average
+# of the uploads gives a pseudo-gradient Δ = average − global, and the server takes a step along it
+# instead of jumping to the average. "avg" is FedAvg's jump (x ← x + Δ).
+
+
+@dataclass(frozen=True)
+class ServerOptimizer:
+    """`kind`: "avg" (x ← x + Δ), "momentum" (FedAvgM: m ← β1·m + Δ; x ← x + lr·m) or "adam"
+    (FedAdam, as in Reddi et al.'s Algorithm 2, no bias correction: m ← β1·m + (1−β1)·Δ;
+    v ← β2·v + (1−β2)·Δ²; x ← x + lr·m / (√v + τ))."""
+
+    kind: str = "avg"
+    lr: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+
+def server_step(
+    previous: Mapping[str, torch.Tensor],
+    average: Mapping[str, torch.Tensor],
+    moments: Mapping[str, torch.Tensor],
+    optimizer: ServerOptimizer,
+    fresh: Sequence[str] = (),
+) -> tuple[AdapterState, dict[str, torch.Tensor]]:
+    """The new global state and the optimiser's moments after one round (pure: inputs unchanged).
+
+    previous: the global state (every key); average: the weighted average of this round's uploads
+    (the aggregated keys only; the others keep their values and moments). moments: "m/<key>" and,
+    for adam, "v/<key>", each the key's shape, float32. fresh: keys whose global value is not a
+    point to step from (layers that just joined the aggregated ones, whose average of the devices'
+    own values becomes their global value, as with "avg"): they take the average, and their
+    moments restart from zero.
+    """
+    merged = merge_state(previous, average)
+    if optimizer.kind == "avg":
+        return merged, dict(moments)
+    if optimizer.kind not in ("momentum", "adam"):
+        raise ValueError(f"unknown server optimiser {optimizer.kind!r}")
+    fresh_keys = set(fresh)
+    new_moments = {k: v for k, v in moments.items() if k.split("/", 1)[1] not in fresh_keys}
+    for key, avg in average.items():
+        if key in fresh_keys:
+            continue
+        # float64 for the step, like the average, so tiny pseudo-gradients are not rounded away.
+        x = previous[key].to(torch.float64)
+        delta = avg.to(torch.float64) - x
+        m = new_moments.get("m/" + key, torch.zeros_like(delta)).to(torch.float64)
+        if optimizer.kind == "momentum":
+            m = optimizer.beta1 * m + delta
+            step = optimizer.lr * m
+        else:
+            v = new_moments.get("v/" + key, torch.zeros_like(delta)).to(torch.float64)
+            m = optimizer.beta1 * m + (1.0 - optimizer.beta1) * delta
+            v = optimizer.beta2 * v + (1.0 - optimizer.beta2) * delta * delta
+            new_moments["v/" + key] = v.to(torch.float32)
+            step = optimizer.lr * m / (v.sqrt() + optimizer.tau)
+        new_moments["m/" + key] = m.to(torch.float32)
+        merged[key] = (x + step).to(previous[key].dtype)
+    return merged, new_moments

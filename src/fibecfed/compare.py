@@ -36,6 +36,9 @@ _ON = ["method.curriculum.enabled=true", "method.layers.enabled=true", "method.s
 METHODS: dict[str, list[str]] = {
     "fedavg": ["method.name=fedavg", "method.prox_mu=0", *_OFF],
     "fedprox": ["method.name=fedprox", *_OFF],
+    # FedAvg's clients under FedAdam's server (Reddi et al. 2021): the baseline for any run that
+    # gives FibecFed a server optimiser (fibecfed[federation.server_opt.kind=adam]).
+    "fedadam": ["method.name=fedavg", "method.prox_mu=0", *_OFF, "federation.server_opt.kind=adam"],
     "fibecfed": ["method.name=fibecfed", *_ON],
     "fibecfed-no-curriculum": ["method.name=fibecfed", *_ON, "method.curriculum.enabled=false"],
     "fibecfed-hard-first": ["method.name=fibecfed", *_ON, "method.curriculum.order=hard_first"],

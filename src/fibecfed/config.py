@@ -201,6 +201,32 @@ class FaultsConfig:
 
 
 @dataclass
+class ServerOptConfig:
+    """How the server turns the average of the uploads into the new global values
+    (fibecfed.aggregation.server_step): "avg" jumps to the average (FedAvg); "momentum" (FedAvgM)
+    and "adam" (FedAdam, Reddi et al. 2021) step along the pseudo-gradient average − global.
+    Only the aggregated keys move, for every method alike."""
+
+    kind: Literal["avg", "momentum", "adam"] = "avg"
+    # None: TUNED_SERVER_LR for the kind (the tuning protocol in docs/defaults.md).
+    lr: float | None = None
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+    def _check(self, issues: list[str]) -> None:
+        if self.lr is not None and self.lr <= 0:
+            issues.append(f"federation.server_opt.lr must be > 0, got {self.lr}")
+        if self.kind == "avg" and self.lr not in (None, 1.0):
+            issues.append(f"federation.server_opt.lr applies to kind momentum or adam; avg takes the average itself (got lr={self.lr})")
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                issues.append(f"federation.server_opt.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.tau <= 0:
+            issues.append(f"federation.server_opt.tau must be > 0, got {self.tau}")
+
+
+@dataclass
 class FederationConfig:
     rounds: int = 20
     devices_per_round: int = 4
@@ -232,6 +258,7 @@ class FederationConfig:
     # <out>/devices/ (fibecfed.device_store). Changes nothing in the results, so a run may
     # resume with another value.
     device_cache: int = 32
+    server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
 
     def _check(self, issues: list[str]) -> None:
         if self.device_cache < 0:
@@ -384,6 +411,10 @@ TUNED_LEARNING_RATES: dict[str, tuple[float, float]] = {
     "fibecfed": (0.005, 0.01),
 }
 TUNED_PROX_MU = 0.1
+# Server learning rate per federation.server_opt.kind when federation.server_opt.lr is unset:
+# "avg" has none (its step is the average itself); FedAvgM's usual 1.0 (Hsu et al. 2019);
+# FedAdam's from the tuning protocol in docs/defaults.md.
+TUNED_SERVER_LR: dict[str, float] = {"avg": 1.0, "momentum": 1.0, "adam": 0.01}
 
 
 @dataclass
@@ -554,6 +585,8 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         lr, head_lr = TUNED_LEARNING_RATES[config.method.name]
         config.train.lr = lr if config.train.lr is None else config.train.lr
         config.train.head_lr = head_lr if config.train.head_lr is None else config.train.head_lr
+        server_opt = config.federation.server_opt
+        server_opt.lr = TUNED_SERVER_LR[server_opt.kind] if server_opt.lr is None else server_opt.lr
         _check_all(config, issues)
     if issues:
         raise ConfigError("invalid config: " + "; ".join(issues))

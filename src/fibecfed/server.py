@@ -25,9 +25,9 @@ import torch
 
 from fibecfed.accounting import serialized_nbytes, simulated_round_seconds
 from fibecfed.adapters import AdapterState, layer_of_key
-from fibecfed.aggregation import UPDATE_PROBLEMS
+from fibecfed.aggregation import UPDATE_PROBLEMS, ServerOptimizer, server_step, weighted_average
 from fibecfed.config import LayerSelectionConfig, RunConfig
-from fibecfed.federated import DeviceUpdate, ProbeSettings, SparseSettings, aggregate_updates, valid_updates
+from fibecfed.federated import DeviceUpdate, ProbeSettings, SparseSettings, valid_updates
 from fibecfed.layers import aggregation_keys, combine_layer_scores, select_aggregation_layers
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ class ServerSettings:
     # How long the server waits for a round's replies: a round in which a device timed out lasts
     # at least this long in simulated time.
     device_timeout_s: float = 3600.0
+    # What the server does with the average of the uploads (FedAvg's jump by default).
+    server_opt: ServerOptimizer = ServerOptimizer()
 
 
 def sparse_settings(config: RunConfig) -> SparseSettings | None:
@@ -96,6 +98,9 @@ def server_settings(config: RunConfig, num_devices: int, num_layers: int) -> Ser
         layers=config.method.layers if config.method.layers.enabled else None,
         sparse=sparse_settings(config),
         device_timeout_s=f.device_timeout_s,
+        server_opt=ServerOptimizer(
+            kind=f.server_opt.kind, lr=f.server_opt.lr, beta1=f.server_opt.beta1, beta2=f.server_opt.beta2, tau=f.server_opt.tau
+        ),
     )
 
 
@@ -272,6 +277,7 @@ class Server:
         selection: dict[str, Any] | None = None,
         totals: dict[str, Any] | None = None,
         history: list[dict[str, Any]] | None = None,
+        moments: dict[str, torch.Tensor] | None = None,
     ):
         self.settings = settings
         self.global_state = dict(global_state)
@@ -282,6 +288,8 @@ class Server:
             "upload_bytes": 0, "download_bytes": 0, "bytes_saved": 0,
         }
         self.history = [] if history is None else history
+        # The server optimiser's state ("m/<key>", "v/<key>"); empty for "avg".
+        self.moments = {} if moments is None else dict(moments)
 
     @classmethod
     def from_checkpoint(cls, settings: ServerSettings, payload: Mapping[str, Any]) -> Server:
@@ -294,6 +302,8 @@ class Server:
             # Checkpoints written before compute_time_s was counted lack it.
             totals={"compute_time_s": 0.0, **payload["totals"]},
             history=payload["history"],
+            # Checkpoints written before the server optimiser existed have no moments.
+            moments=payload.get("server_moments", {}),
         )
 
     def to_checkpoint(self) -> dict[str, Any]:
@@ -303,6 +313,7 @@ class Server:
             "history": self.history,
             "totals": self.totals,
             "server": self.selection,
+            "server_moments": self.moments,
         }
 
     @property
@@ -415,7 +426,11 @@ class Server:
             raise ValueError(f"round {plan.round_num}: updates from devices {unplanned} that the plan did not sample")
         good, rejected = valid_updates(updates, plan.state, s.num_layers if plan.probe is not None else None)
         dropped = sorted(rejected)
-        self.global_state = aggregate_updates(self.global_state, [u.state for u in good], [u.num_samples for u in good])
+        if good:
+            average = weighted_average([u.state for u in good], [u.num_samples for u in good])
+            self.global_state, self.moments = server_step(
+                self.global_state, average, self.moments, s.server_opt, fresh=plan.own_start_keys
+            )
         if plan.probe is not None:
             self.selection = choose_after_probes(s.layers, self.selection, good, plan.round_num)
 

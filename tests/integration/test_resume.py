@@ -30,9 +30,10 @@ pytestmark = pytest.mark.integration
 ROUNDS = 4
 METHODS = {
     "fedavg": ["method=fedavg"],
-    # Layer choice refreshed mid-run, sparse masks from Fisher sums, curriculum with rescoring.
+    # Layer choice refreshed mid-run, sparse masks from Fisher sums, curriculum with rescoring,
+    # and FedAdam's moments on the server (restarted for layers that join).
     "fibecfed": ["method=fibecfed", "method.layers.share=0.5", "method.layers.refresh_every=2",
-                 "method.curriculum.rescore_every=2"],
+                 "method.curriculum.rescore_every=2", "federation.server_opt.kind=adam"],
 }
 # Fields of a metrics row that do not depend on timing.
 STABLE = ("round", "devices", "accuracy", "f1", "mcc", "test_loss", "loss", "personalized_accuracy",
@@ -70,6 +71,7 @@ def assert_same_run(expected: Path, actual: Path) -> None:
     assert ck_a["round"] == ck_b["round"] == ROUNDS
     assert_equal_values(ck_a["global_state"], ck_b["global_state"], "global_state")
     assert_equal_values(ck_a["server"], ck_b["server"], "server")  # layer choice and its scores
+    assert_equal_values(ck_a.get("server_moments"), ck_b.get("server_moments"), "server_moments")
     assert_equal_values(ck_a["changed_devices"], ck_b["changed_devices"], "changed_devices")
     files_a = dict(DeviceStore(expected / DEVICES, cache_size=0).states())
     files_b = dict(DeviceStore(actual / DEVICES, cache_size=0).states())

@@ -79,3 +79,61 @@ def test_no_update_leaves_the_global_state_as_it_was():
     previous = {"a": torch.tensor([1.0, float("-0.0")]), "b": torch.ones(3)}
     kept = aggregate_updates(previous, [], [])
     assert kept == previous and all(kept[k] is previous[k] for k in previous)  # the very tensors, bit for bit
+
+
+# Server optimisers -----------------------------------------------------------------------------
+
+from fibecfed.aggregation import ServerOptimizer, server_step  # noqa: E402
+
+
+def test_fedadam_steps_by_hand():
+    adam = ServerOptimizer(kind="adam", lr=0.1, beta1=0.9, beta2=0.99, tau=0.05)
+    previous = {"w": torch.tensor([1.0]), "other": torch.tensor([7.0])}
+    # Round 1: Δ = 1.5 - 1 = 0.5; m = 0.1*0.5 = 0.05; v = 0.01*0.25 = 0.0025, √v = 0.05;
+    # x = 1 + 0.1 * 0.05 / (0.05 + 0.05) = 1.05.
+    state, moments = server_step(previous, {"w": torch.tensor([1.5])}, {}, adam)
+    assert state["w"].item() == pytest.approx(1.05, abs=1e-7)
+    assert state["other"] is previous["other"]  # not aggregated: untouched
+    assert moments["m/w"].item() == pytest.approx(0.05) and moments["v/w"].item() == pytest.approx(0.0025)
+    # Round 2: Δ = 1.25 - 1.05 = 0.2; m = 0.9*0.05 + 0.1*0.2 = 0.065;
+    # v = 0.99*0.0025 + 0.01*0.04 = 0.002875, √v = 0.0536190; x = 1.05 + 0.0065 / 0.1036190 = 1.1127298.
+    state, moments = server_step(state, {"w": torch.tensor([1.25])}, moments, adam)
+    assert state["w"].item() == pytest.approx(1.1127298, abs=1e-6)
+    assert moments["m/w"].item() == pytest.approx(0.065) and moments["v/w"].item() == pytest.approx(0.002875)
+
+
+def test_fedavgm_steps_by_hand():
+    momentum = ServerOptimizer(kind="momentum", lr=1.0, beta1=0.5)
+    # Round 1: Δ = 1, m = 1, x = 0 + 1 = 1. Round 2: Δ = 1.5 - 1 = 0.5, m = 0.5*1 + 0.5 = 1, x = 2.
+    state, moments = server_step({"w": torch.tensor([0.0])}, {"w": torch.tensor([1.0])}, {}, momentum)
+    assert state["w"].item() == 1.0 and "v/w" not in moments
+    state, moments = server_step(state, {"w": torch.tensor([1.5])}, moments, momentum)
+    assert state["w"].item() == 2.0 and moments["m/w"].item() == 1.0
+
+
+def test_avg_is_the_merge_bit_for_bit_and_keeps_moments():
+    previous = {"a": torch.randn(3, 2), "b": torch.randn(4)}
+    average = {"a": torch.randn(3, 2)}
+    moments = {"m/b": torch.ones(4)}
+    state, kept = server_step(previous, average, moments, ServerOptimizer())
+    assert torch.equal(state["a"], average["a"]) and state["b"] is previous["b"]
+    assert kept == moments
+
+
+def test_fresh_keys_take_the_average_and_restart_their_moments():
+    adam = ServerOptimizer(kind="adam", lr=0.1)
+    previous = {"old": torch.tensor([1.0]), "new": torch.tensor([0.0])}
+    moments = {"m/old": torch.tensor([0.2]), "v/old": torch.tensor([0.04]), "m/new": torch.tensor([9.0]), "v/new": torch.tensor([9.0])}
+    before = {k: v.clone() for k, v in moments.items()}
+    state, after = server_step(previous, {"old": torch.tensor([1.0]), "new": torch.tensor([3.0])}, moments, adam, fresh=["new"])
+    assert state["new"].item() == 3.0 and "m/new" not in after and "v/new" not in after
+    # "old": Δ = 0, so m = 0.9*0.2 = 0.18 and v = 0.99*0.04 = 0.0396; x = 1 + 0.1*0.18/(0.198997+0.001).
+    assert after["m/old"].item() == pytest.approx(0.18) and after["v/old"].item() == pytest.approx(0.0396)
+    assert state["old"].item() == pytest.approx(1.0 + 0.018 / (0.0396**0.5 + 0.001), abs=1e-6)
+    assert all(torch.equal(moments[k], before[k]) for k in before)  # the inputs are not changed
+
+
+def test_server_step_keeps_each_dtype():
+    previous = {"w": torch.zeros(2, dtype=torch.bfloat16)}
+    state, moments = server_step(previous, {"w": torch.ones(2, dtype=torch.bfloat16)}, {}, ServerOptimizer(kind="adam"))
+    assert state["w"].dtype == torch.bfloat16 and moments["m/w"].dtype == torch.float32

@@ -117,3 +117,18 @@ def test_device_timeout_must_be_positive():
     assert load_config(None, ["federation.device_timeout_s=30"]).federation.device_timeout_s == 30.0
     with pytest.raises(ConfigError, match="federation.device_timeout_s must be > 0"):
         load_config(None, ["federation.device_timeout_s=0"])
+
+
+def test_server_optimiser_defaults_and_checks():
+    from fibecfed.config import TUNED_SERVER_LR
+
+    assert load_config(None, []).federation.server_opt.kind == "avg"
+    adam = load_config(None, ["federation.server_opt.kind=adam"]).federation.server_opt
+    assert adam.lr == TUNED_SERVER_LR["adam"]
+    assert load_config(None, ["federation.server_opt.kind=adam", "federation.server_opt.lr=0.3"]).federation.server_opt.lr == 0.3
+    with pytest.raises(ConfigError, match="server_opt.lr applies to kind momentum or adam"):
+        load_config(None, ["federation.server_opt.lr=0.5"])
+    with pytest.raises(ConfigError, match="beta2 must be in"):
+        load_config(None, ["federation.server_opt.kind=adam", "federation.server_opt.beta2=1.0"])
+    with pytest.raises(ConfigError, match="kind"):
+        load_config(None, ["federation.server_opt.kind=sgd"])

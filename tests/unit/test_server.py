@@ -260,3 +260,25 @@ def test_layer_scores_are_checked_like_the_adapter():
     assert result.dropped == [b] and result.fields["rejected"]["unknown_key"] == 1
     with pytest.raises(ValueError, match="did not sample"):
         server.finish_round(plan, [update(next(d for d in range(4) if d not in plan.devices), sent, 1)], [])
+
+
+def test_a_server_optimiser_steps_and_its_moments_survive_a_checkpoint():
+    from fibecfed.aggregation import ServerOptimizer
+
+    adam = settings(server_opt=ServerOptimizer(kind="adam", lr=0.1, tau=0.05))
+    server = Server(adam, global_state())
+    plan = server.plan_round(1)
+    # Both devices send head [10.5, 20.5] (Δ = 0.5 each): as in test_fedadam_steps_by_hand, x moves by 0.05.
+    sent = {k: v + 0.5 for k, v in plan.state.items()}
+    server.record_round(server.finish_round(plan, [update(d, sent, 1) for d in plan.devices], []), None, 0.1)
+    assert torch.allclose(server.global_state[HEAD], torch.tensor([10.05, 20.05]))
+    assert set(server.moments) == {f"{p}/{k}" for p in "mv" for k in plan.exchanged_keys}
+    buffer = io.BytesIO()
+    torch.save(server.to_checkpoint(), buffer)
+    buffer.seek(0)
+    resumed = Server.from_checkpoint(adam, torch.load(buffer, weights_only=False))
+    for s in (server, resumed):
+        plan = s.plan_round(2)
+        s.finish_round(plan, [update(d, {k: v + 0.2 for k, v in plan.state.items()}, 1) for d in plan.devices], [])
+    assert all(torch.equal(server.global_state[k], resumed.global_state[k]) for k in server.global_state)
+    assert all(torch.equal(server.moments[k], resumed.moments[k]) for k in server.moments)
