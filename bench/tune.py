@@ -1,6 +1,7 @@
 """The tuning protocol behind the defaults (docs/defaults.md): every method gets the same budget.
 
     python bench/tune.py --dataset sst2 --seeds 0,1 --out bench/results/tuning-sst2 [--procs 2]
+    python bench/tune.py --grid server --dataset sst2 --seeds 0,1 --out bench/results/tuning-server-sst2
 
 Each method runs the same number of configurations (a 3 x 2 grid) with the same seeds on one
 tuning dataset, which is then left out of the benchmark table:
@@ -8,6 +9,10 @@ tuning dataset, which is then left out of the benchmark table:
 - FedAvg:   train.lr x train.head_lr
 - FedProx:  train.lr x method.prox_mu (head_lr at the preset's 0.01)
 - FibecFed: train.lr x train.head_lr, the same grid as FedAvg
+
+`--grid server` tunes the server optimiser the same way: FedAdam's server learning rate over one
+grid for FedAvg's clients (the `fedadam` baseline) and for FibecFed's, each client at its method's
+tuned rates (federation.server_opt, docs/defaults.md).
 
 A configuration's score is the area under its global accuracy curve: the mean accuracy over all
 evaluated rounds 1..T, averaged over the seeds. It rewards learning early and ending high, and
@@ -38,6 +43,13 @@ GRID: dict[str, list[list[str]]] = {
     "fedprox": [[f"train.lr={lr}", f"method.prox_mu={mu}"] for lr, mu in itertools.product(LRS, [0.01, 0.1])],
     "fibecfed": [[f"train.lr={lr}", f"train.head_lr={h}"] for lr, h in itertools.product(LRS, [0.01, 0.03])],
 }
+SERVER_LRS = [0.003, 0.01, 0.03]
+ADAM = "federation.server_opt.kind=adam"
+SERVER_GRID: dict[str, list[list[str]]] = {
+    "fedadam": [[f"federation.server_opt.lr={lr}"] for lr in SERVER_LRS],
+    "fibecfed": [[ADAM, f"federation.server_opt.lr={lr}"] for lr in SERVER_LRS],
+}
+GRIDS = {"client": GRID, "server": SERVER_GRID}
 
 
 def label(method: str, overrides: list[str]) -> str:
@@ -63,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "datasets")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="client",
+                        help="client: learning rates (and FedProx's mu); server: FedAdam's server learning rate")
     args = parser.parse_args(argv)
-    labels = [label(m, o) for m, configs in GRID.items() for o in configs]
+    grid = GRIDS[args.grid]
+    labels = [label(m, o) for m, configs in grid.items() for o in configs]
     base = ["--config", args.config, "--seeds", args.seeds, "--out", str(args.out), "--no-progress",
             *dataset_overrides(args.dataset, args.shared)]
     if not args.report_only:
@@ -80,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     seeds = [int(s) for s in args.seeds.split(",")]
     table = {}
-    for method, configs in GRID.items():
+    for method, configs in grid.items():
         for overrides in configs:
             name = label(method, overrides)
             runs = [outputs.read_metrics(args.out / folder(name) / f"seed{s}" / "metrics.jsonl") for s in seeds]
@@ -89,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             pers = [[r for r in rows if r.get("accuracy") is not None][-1].get("personalized_accuracy") for rows in runs]
             table[name] = {"method": method, "overrides": overrides, "auc": statistics.fmean(aucs), "aucs": aucs,
                            "final": statistics.fmean(finals), "final_personalized": statistics.fmean(p for p in pers if p is not None)}
-    chosen = {m: max((n for n, e in table.items() if e["method"] == m), key=lambda n: table[n]["auc"]) for m in GRID}
+    chosen = {m: max((n for n, e in table.items() if e["method"] == m), key=lambda n: table[n]["auc"]) for m in grid}
     lines = [f"Tuning on {args.dataset} ({args.config} preset), seeds {seeds}: score = mean global accuracy over rounds 1..T "
              "(area under the curve), averaged over seeds.", "",
              "| configuration | score (AUC) | per seed | final accuracy | final personalised | chosen |", "|---|---|---|---|---|---|"]

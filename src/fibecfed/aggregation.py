@@ -100,8 +100,10 @@ def update_problem(state: Mapping[str, object], expected: Mapping[str, torch.Ten
 @dataclass(frozen=True)
 class ServerOptimizer:
     """`kind`: "avg" (x ← x + Δ), "momentum" (FedAvgM: m ← β1·m + Δ; x ← x + lr·m) or "adam"
-    (FedAdam, as in Reddi et al.'s Algorithm 2, no bias correction: m ← β1·m + (1−β1)·Δ;
-    v ← β2·v + (1−β2)·Δ²; x ← x + lr·m / (√v + τ))."""
+    (FedAdam, Reddi et al.'s Algorithm 2 with Adam's bias correction, as Flower's FedAdam does:
+    m ← β1·m + (1−β1)·Δ; v ← β2·v + (1−β2)·Δ²; x ← x + lr·m̂ / (√v̂ + τ) with m̂ = m/(1−β1^t),
+    v̂ = v/(1−β2^t), t the key's own step count. Without the correction the first rounds' steps
+    are a tenth of lr or less, and our runs are 8 to 20 rounds long)."""
 
     kind: str = "avg"
     lr: float = 1.0
@@ -121,7 +123,7 @@ def server_step(
 
     previous: the global state (every key); average: the weighted average of this round's uploads
     (the aggregated keys only; the others keep their values and moments). moments: "m/<key>" and,
-    for adam, "v/<key>", each the key's shape, float32. fresh: keys whose global value is not a
+    for adam, "v/<key>" (the key's shape, float32) and "t/<key>" (its step count, 0-d). fresh: keys whose global value is not a
     point to step from (layers that just joined the aggregated ones, whose average of the devices'
     own values becomes their global value, as with "avg"): they take the average, and their
     moments restart from zero.
@@ -145,10 +147,14 @@ def server_step(
             step = optimizer.lr * m
         else:
             v = new_moments.get("v/" + key, torch.zeros_like(delta)).to(torch.float64)
+            t = int(new_moments.get("t/" + key, torch.tensor(0)).item()) + 1
             m = optimizer.beta1 * m + (1.0 - optimizer.beta1) * delta
             v = optimizer.beta2 * v + (1.0 - optimizer.beta2) * delta * delta
             new_moments["v/" + key] = v.to(torch.float32)
-            step = optimizer.lr * m / (v.sqrt() + optimizer.tau)
+            new_moments["t/" + key] = torch.tensor(t)
+            m_hat = m / (1.0 - optimizer.beta1**t)
+            v_hat = v / (1.0 - optimizer.beta2**t)
+            step = optimizer.lr * m_hat / (v_hat.sqrt() + optimizer.tau)
         new_moments["m/" + key] = m.to(torch.float32)
         merged[key] = (x + step).to(previous[key].dtype)
     return merged, new_moments

@@ -89,17 +89,20 @@ from fibecfed.aggregation import ServerOptimizer, server_step  # noqa: E402
 def test_fedadam_steps_by_hand():
     adam = ServerOptimizer(kind="adam", lr=0.1, beta1=0.9, beta2=0.99, tau=0.05)
     previous = {"w": torch.tensor([1.0]), "other": torch.tensor([7.0])}
-    # Round 1: Δ = 1.5 - 1 = 0.5; m = 0.1*0.5 = 0.05; v = 0.01*0.25 = 0.0025, √v = 0.05;
-    # x = 1 + 0.1 * 0.05 / (0.05 + 0.05) = 1.05.
+    # Round 1: Δ = 1.5 - 1 = 0.5; m = 0.1*0.5 = 0.05, m̂ = 0.05/0.1 = 0.5; v = 0.01*0.25 = 0.0025,
+    # v̂ = 0.0025/0.01 = 0.25, √v̂ = 0.5; x = 1 + 0.1 * 0.5 / (0.5 + 0.05) = 1.0909091.
     state, moments = server_step(previous, {"w": torch.tensor([1.5])}, {}, adam)
-    assert state["w"].item() == pytest.approx(1.05, abs=1e-7)
+    assert state["w"].item() == pytest.approx(1.0909091, abs=1e-6)
     assert state["other"] is previous["other"]  # not aggregated: untouched
     assert moments["m/w"].item() == pytest.approx(0.05) and moments["v/w"].item() == pytest.approx(0.0025)
-    # Round 2: Δ = 1.25 - 1.05 = 0.2; m = 0.9*0.05 + 0.1*0.2 = 0.065;
-    # v = 0.99*0.0025 + 0.01*0.04 = 0.002875, √v = 0.0536190; x = 1.05 + 0.0065 / 0.1036190 = 1.1127298.
+    assert moments["t/w"].item() == 1
+    # Round 2: Δ = 1.25 - 1.0909091 = 0.1590909; m = 0.9*0.05 + 0.1*0.1590909 = 0.0609091,
+    # m̂ = m/0.19 = 0.3205742; v = 0.99*0.0025 + 0.01*0.1590909² = 0.0027281, v̂ = v/0.0199 = 0.1370904,
+    # √v̂ = 0.3702573; x = 1.0909091 + 0.1 * 0.3205742 / 0.4202573 = 1.1671896.
     state, moments = server_step(state, {"w": torch.tensor([1.25])}, moments, adam)
-    assert state["w"].item() == pytest.approx(1.1127298, abs=1e-6)
-    assert moments["m/w"].item() == pytest.approx(0.065) and moments["v/w"].item() == pytest.approx(0.002875)
+    assert state["w"].item() == pytest.approx(1.1671896, abs=1e-6)
+    assert moments["m/w"].item() == pytest.approx(0.0609091) and moments["v/w"].item() == pytest.approx(0.0027281, abs=1e-7)
+    assert moments["t/w"].item() == 2
 
 
 def test_fedavgm_steps_by_hand():
@@ -123,13 +126,15 @@ def test_avg_is_the_merge_bit_for_bit_and_keeps_moments():
 def test_fresh_keys_take_the_average_and_restart_their_moments():
     adam = ServerOptimizer(kind="adam", lr=0.1)
     previous = {"old": torch.tensor([1.0]), "new": torch.tensor([0.0])}
-    moments = {"m/old": torch.tensor([0.2]), "v/old": torch.tensor([0.04]), "m/new": torch.tensor([9.0]), "v/new": torch.tensor([9.0])}
+    moments = {"m/old": torch.tensor([0.2]), "v/old": torch.tensor([0.04]), "t/old": torch.tensor(1),
+               "m/new": torch.tensor([9.0]), "v/new": torch.tensor([9.0]), "t/new": torch.tensor(5)}
     before = {k: v.clone() for k, v in moments.items()}
     state, after = server_step(previous, {"old": torch.tensor([1.0]), "new": torch.tensor([3.0])}, moments, adam, fresh=["new"])
-    assert state["new"].item() == 3.0 and "m/new" not in after and "v/new" not in after
-    # "old": Δ = 0, so m = 0.9*0.2 = 0.18 and v = 0.99*0.04 = 0.0396; x = 1 + 0.1*0.18/(0.198997+0.001).
+    assert state["new"].item() == 3.0 and not [k for k in after if k.endswith("/new")]
+    # "old", its step 2: Δ = 0, so m = 0.9*0.2 = 0.18, m̂ = 0.18/0.19 = 0.947368;
+    # v = 0.99*0.04 = 0.0396, v̂ = 0.0396/0.0199 = 1.989950, √v̂ = 1.410656; x = 1 + 0.1*0.947368/1.411656 = 1.067110.
     assert after["m/old"].item() == pytest.approx(0.18) and after["v/old"].item() == pytest.approx(0.0396)
-    assert state["old"].item() == pytest.approx(1.0 + 0.018 / (0.0396**0.5 + 0.001), abs=1e-6)
+    assert state["old"].item() == pytest.approx(1.067110, abs=1e-6)
     assert all(torch.equal(moments[k], before[k]) for k in before)  # the inputs are not changed
 
 

@@ -268,11 +268,11 @@ def test_a_server_optimiser_steps_and_its_moments_survive_a_checkpoint():
     adam = settings(server_opt=ServerOptimizer(kind="adam", lr=0.1, tau=0.05))
     server = Server(adam, global_state())
     plan = server.plan_round(1)
-    # Both devices send head [10.5, 20.5] (Δ = 0.5 each): as in test_fedadam_steps_by_hand, x moves by 0.05.
+    # Both devices send head [10.5, 20.5] (Δ = 0.5 each): as in test_fedadam_steps_by_hand, x moves by 0.0909091.
     sent = {k: v + 0.5 for k, v in plan.state.items()}
     server.record_round(server.finish_round(plan, [update(d, sent, 1) for d in plan.devices], []), None, 0.1)
-    assert torch.allclose(server.global_state[HEAD], torch.tensor([10.05, 20.05]))
-    assert set(server.moments) == {f"{p}/{k}" for p in "mv" for k in plan.exchanged_keys}
+    assert torch.allclose(server.global_state[HEAD], torch.tensor([10.0909091, 20.0909091]))
+    assert set(server.moments) == {f"{p}/{k}" for p in "mvt" for k in plan.exchanged_keys}
     buffer = io.BytesIO()
     torch.save(server.to_checkpoint(), buffer)
     buffer.seek(0)
