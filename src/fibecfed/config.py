@@ -208,7 +208,7 @@ class ServerOptConfig:
     Only the aggregated keys move, for every method alike."""
 
     kind: Literal["avg", "momentum", "adam"] = "avg"
-    # None: TUNED_SERVER_LR for the kind (the tuning protocol in docs/defaults.md).
+    # None: 1.0 for momentum, TUNED_ADAM_LR of the method for adam (docs/defaults.md).
     lr: float | None = None
     beta1: float = 0.9
     beta2: float = 0.99
@@ -411,10 +411,12 @@ TUNED_LEARNING_RATES: dict[str, tuple[float, float]] = {
     "fibecfed": (0.005, 0.01),
 }
 TUNED_PROX_MU = 0.1
-# Server learning rate per federation.server_opt.kind when federation.server_opt.lr is unset:
-# "avg" has none (its step is the average itself); FedAvgM's usual 1.0 (Hsu et al. 2019);
-# FedAdam's from the tuning protocol in docs/defaults.md.
-TUNED_SERVER_LR: dict[str, float] = {"avg": 1.0, "momentum": 1.0, "adam": 0.01}
+# FedAdam's server learning rate per method when federation.server_opt.lr is unset, from the
+# tuning protocol in docs/defaults.md (`bench/tune.py --grid server`: the same grid and seeds for
+# FedAvg's and FibecFed's clients). FedProx was not tuned with it: its clients are FedAvg's plus
+# the proximal term, so it takes FedAvg's value. Momentum (FedAvgM) takes the usual 1.0
+# (Hsu et al. 2019); "avg" has no step size (it takes the average itself).
+TUNED_ADAM_LR: dict[str, float] = {"fedavg": 0.01, "fedprox": 0.01, "fibecfed": 0.01}
 
 
 @dataclass
@@ -586,7 +588,8 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         config.train.lr = lr if config.train.lr is None else config.train.lr
         config.train.head_lr = head_lr if config.train.head_lr is None else config.train.head_lr
         server_opt = config.federation.server_opt
-        server_opt.lr = TUNED_SERVER_LR[server_opt.kind] if server_opt.lr is None else server_opt.lr
+        if server_opt.lr is None:
+            server_opt.lr = TUNED_ADAM_LR[config.method.name] if server_opt.kind == "adam" else 1.0
         _check_all(config, issues)
     if issues:
         raise ConfigError("invalid config: " + "; ".join(issues))

@@ -120,11 +120,13 @@ def test_device_timeout_must_be_positive():
 
 
 def test_server_optimiser_defaults_and_checks():
-    from fibecfed.config import TUNED_SERVER_LR
+    from fibecfed.config import TUNED_ADAM_LR
 
     assert load_config(None, []).federation.server_opt.kind == "avg"
-    adam = load_config(None, ["federation.server_opt.kind=adam"]).federation.server_opt
-    assert adam.lr == TUNED_SERVER_LR["adam"]
+    for method in ("fedavg", "fibecfed"):
+        adam = load_config(None, [f"method={method}", "federation.server_opt.kind=adam"]).federation.server_opt
+        assert adam.lr == TUNED_ADAM_LR[method]
+    assert load_config(None, ["federation.server_opt.kind=momentum"]).federation.server_opt.lr == 1.0
     assert load_config(None, ["federation.server_opt.kind=adam", "federation.server_opt.lr=0.3"]).federation.server_opt.lr == 0.3
     with pytest.raises(ConfigError, match="server_opt.lr applies to kind momentum or adam"):
         load_config(None, ["federation.server_opt.lr=0.5"])
