@@ -30,6 +30,9 @@ fib="$(dirname "$0")/../.venv/bin/fibecfed"
   # The default step-based config (`fibecfed run` with no arguments): ~1,700 tweets a device,
   # 4 steps of 16 a round: compute weighs.
   $fib compare --no-progress --methods "$methods" --seeds "$seeds" --out bench/results/tweets-default
+  # The server optimiser: FibecFed under FedAdam against FedAdam and FedAvg (server lr 0.01, tuned).
+  $fib compare --config bench --no-progress --seeds "$seeds" --out bench/results/tweets-adam data.name=tweets \
+    --methods 'fedavg,fedadam[federation.server_opt.lr=0.01],fibecfed,fibecfed[federation.server_opt.kind=adam;federation.server_opt.lr=0.01]'
   # docs/defaults.md, study 5 (the tuning set).
   bash bench/defaults_study5.sh "$shared" 0
 } > bench/results/stream-b.log 2>&1 &
