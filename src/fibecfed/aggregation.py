@@ -123,8 +123,8 @@ def server_step(
 
     previous: the global state (every key); average: the weighted average of this round's uploads
     (the aggregated keys only; the others keep their values and moments). moments: "m/<key>" and,
-    for adam, "v/<key>" (the key's shape, float32) and "t/<key>" (its step count, 0-d). fresh: keys whose global value is not a
-    point to step from (layers that just joined the aggregated ones, whose average of the devices'
+    for adam, "v/<key>" (the key's shape, float32) and "t/<key>" (its step count, 0-d).
+    fresh: keys whose global value is not a point to step from (layers that just joined the aggregated ones, whose average of the devices'
     own values becomes their global value, as with "avg"): they take the average, and their
     moments restart from zero.
     """

@@ -288,7 +288,7 @@ class Server:
             "upload_bytes": 0, "download_bytes": 0, "bytes_saved": 0,
         }
         self.history = [] if history is None else history
-        # The server optimiser's state ("m/<key>", "v/<key>"); empty for "avg".
+        # The server optimiser's state ("m/<key>"; for adam also "v/<key>", "t/<key>"); empty for "avg".
         self.moments = {} if moments is None else dict(moments)
 
     @classmethod
