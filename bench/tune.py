@@ -2,6 +2,8 @@
 
     python bench/tune.py --dataset sst2 --seeds 0,1 --out bench/results/tuning-sst2 [--procs 2]
     python bench/tune.py --grid server --dataset sst2 --seeds 0,1 --out bench/results/tuning-server-sst2
+    python bench/tune.py --grid measure --config bench-decoder --dataset sst2 --seeds 0,1 \
+        --out bench/results/tuning-decoder-sst2-h200 model.device=cuda
 
 Each method runs the same number of configurations (a 3 x 2 grid) with the same seeds on one
 tuning dataset, which is then left out of the benchmark table:
@@ -49,11 +51,14 @@ SERVER_GRID: dict[str, list[list[str]]] = {
     "fedadam": [[f"federation.server_opt.lr={lr}"] for lr in SERVER_LRS],
     "fibecfed": [[ADAM, f"federation.server_opt.lr={lr}"] for lr in SERVER_LRS],
 }
-GRIDS = {"client": GRID, "server": SERVER_GRID}
+# FibecFed's layer-sensitivity measure (fibecfed.layers.layer_sensitivity), a switch the other
+# methods do not have: on the decoder, "gain" picks the first layers, "relative_gain" the last.
+MEASURE_GRID: dict[str, list[list[str]]] = {"fibecfed": [[], ["method.layers.measure=relative_gain"]]}
+GRIDS = {"client": GRID, "server": SERVER_GRID, "measure": MEASURE_GRID}
 
 
 def label(method: str, overrides: list[str]) -> str:
-    return f"{method}[{';'.join(overrides)}]"
+    return f"{method}[{';'.join(overrides)}]" if overrides else method
 
 
 def folder(text: str) -> str:
@@ -76,12 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "datasets")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--grid", choices=sorted(GRIDS), default="client",
-                        help="client: learning rates (and FedProx's mu); server: FedAdam's server learning rate")
+                        help="client: learning rates (and FedProx's mu); server: FedAdam's server learning rate; "
+                             "measure: FibecFed's layer-sensitivity measure")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run (e.g. model.device=cuda)")
     args = parser.parse_args(argv)
     grid = GRIDS[args.grid]
     labels = [label(m, o) for m, configs in grid.items() for o in configs]
     base = ["--config", args.config, "--seeds", args.seeds, "--out", str(args.out), "--no-progress",
-            *dataset_overrides(args.dataset, args.shared)]
+            *dataset_overrides(args.dataset, args.shared), *args.overrides]
     if not args.report_only:
         # Interleave the methods so every process gets a share of each.
         shares = [labels[i :: args.procs] for i in range(args.procs)]

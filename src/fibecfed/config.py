@@ -343,7 +343,11 @@ class LayerSelectionConfig:
     share: float = 0.17  # share of the transformer layers that are aggregated (1 of MiniLM's 6)
     # sensitivity (most sensitive first), reverse, random, all.
     policy: Literal["sensitivity", "reverse", "random", "all"] = "sensitivity"
-    measure: Literal["gain", "output_change"] = "gain"
+    # How a layer's sensitivity is measured (fibecfed.layers.layer_sensitivity): "gain", how much
+    # it amplifies a perturbation of its input; "relative_gain", the same for the perturbation
+    # relative to the hidden states' size (does not favour layers that rescale the residual
+    # stream, as a decoder's first layer does); "output_change", method.md's literal reading.
+    measure: Literal["gain", "relative_gain", "output_change"] = "gain"
     noise_scale: float = 0.01
     # Rounds of local training before the first choice: in them only the head (and any other
     # key outside the transformer layers) is exchanged, every layer trains on the device, and at

@@ -19,7 +19,7 @@ from torch import nn
 
 from fibecfed.adapters import layer_of_key
 
-SensitivityMeasure = Literal["gain", "output_change"]
+SensitivityMeasure = Literal["gain", "relative_gain", "output_change"]
 # A policy picks `n` layer indices from per-layer scores (L,); `rng` only for random policies.
 SelectionPolicy = Callable[[torch.Tensor, int, "np.random.Generator | None"], list[int]]
 
@@ -121,12 +121,20 @@ def layer_sensitivity(
     measure="gain" (default): Δ_{l+1} / Δ_l, how much layer l amplifies a perturbation of its own
     input. Isolates each layer from the layers before it: in a residual network the change of the
     output of layer l also carries every earlier layer's change.
+    measure="relative_gain": (Δ_{l+1} / S_{l+1}) / (Δ_l / S_l) with S_j the mean token norm of h_j
+    (a ratio of token averages, like Δ): how much layer l amplifies a *relative* perturbation of
+    its input, its relative condition number. Unlike "gain" it does not reward a layer for
+    changing the scale of the residual stream: in SmolLM2 layer 0 lifts the tiny embeddings
+    (mean norm 2.8) to norm 47 and so scores a gain of 12, and a "massive activation" layer (11,
+    norm 144 -> 892) scores 1.2; their relative gains are 0.70 and 0.20
+    (`bench/layer_probe.py --config bench-decoder`). Not the default: it lost on the tuning set
+    (docs/defaults.md).
     measure="output_change": Δ_{l+1} / mean ‖h_{l+1}‖, the relative change of the layer's output
     (a ratio of the two token averages), the literal reading of method.md. It is cumulative: a
     layer after a sensitive one inherits its change, so the scores tend to grow with depth.
     """
-    if measure not in ("gain", "output_change"):
-        raise ValueError(f"unknown sensitivity measure {measure!r}; choose 'gain' or 'output_change'")
+    if measure not in ("gain", "relative_gain", "output_change"):
+        raise ValueError(f"unknown sensitivity measure {measure!r}; choose 'gain', 'relative_gain' or 'output_change'")
     if noise_scale <= 0:
         raise ValueError(f"noise_scale must be positive, got {noise_scale}")
     blocks = transformer_layers(model)
@@ -157,11 +165,16 @@ def layer_sensitivity(
             change = torch.stack(
                 [_mean_token_norm(n - c, token_mask) for c, n in zip(clean, noisy)]
             )  # (L+1,): Δ_0 .. Δ_L
+            tiny = torch.finfo(change.dtype).tiny
             if measure == "gain":
-                scores = change[1:] / change[:-1].clamp(min=torch.finfo(change.dtype).tiny)
+                scores = change[1:] / change[:-1].clamp(min=tiny)
             else:
-                size = torch.stack([_mean_token_norm(h, token_mask) for h in clean[1:]])  # (L,)
-                scores = change[1:] / size.clamp(min=torch.finfo(size.dtype).tiny)
+                size = torch.stack([_mean_token_norm(h, token_mask) for h in clean])  # (L+1,): S_0 .. S_L
+                relative = change / size.clamp(min=tiny)  # (L+1,): Δ_j / S_j
+                if measure == "relative_gain":
+                    scores = relative[1:] / relative[:-1].clamp(min=tiny)
+                else:
+                    scores = relative[1:]
     finally:
         for module, training in modes.items():
             module.training = training

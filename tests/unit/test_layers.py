@@ -94,8 +94,59 @@ def test_output_change_is_cumulative():
     assert last[3] > 1.3 * last[:3].max()
 
 
+class _AffineBlock(torch.nn.Module):
+    """h -> scale · h + shift: a block whose effect on a perturbation is known exactly."""
+
+    def __init__(self, scale: float, shift: torch.Tensor):
+        super().__init__()
+        self.inner = torch.nn.Identity()  # a block has submodules (transformer_layers looks for them)
+        self.scale, self.shift = scale, shift
+
+    def forward(self, hidden_states, attention_mask=None):
+        return (self.scale * self.inner(hidden_states) + self.shift,)
+
+
+class _AffineStack(torch.nn.Module):
+    def __init__(self, blocks):
+        super().__init__()
+        self.embed = torch.nn.Embedding(4, 3)
+        self.layers = torch.nn.ModuleList(blocks)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, inputs_embeds, attention_mask=None):
+        hidden = inputs_embeds
+        for block in self.layers:
+            hidden = block(hidden, attention_mask)[0]
+        return hidden
+
+
+def test_gain_and_relative_gain_by_hand():
+    """Every token's embedding is e1 (size S_0 = 1). Layer 0 multiplies by 4: the perturbation and
+    the states grow alike, gain 4, relative gain 1. Layer 1 adds 3·e2: the perturbation passes
+    unchanged (gain 1) while the states grow to |4e1 + 3e2| = 5, so the relative perturbation
+    shrinks to 4/5: relative gain 0.8. output_change is Δ_{l+1} / S_{l+1}: 4Δ_0/4 and 4Δ_0/5."""
+    e1, e2 = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    model = _AffineStack([_AffineBlock(4.0, torch.zeros(3)), _AffineBlock(1.0, 3.0 * e2)])
+    embeds = e1.expand(2, 5, 3).clone()  # (B=2, T=5, H=3)
+    batch = {"inputs_embeds": embeds, "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    gain = layer_sensitivity(model, batch, generator=seeded(), measure="gain")
+    relative = layer_sensitivity(model, batch, generator=seeded(), measure="relative_gain")
+    change = layer_sensitivity(model, batch, generator=seeded(), measure="output_change")
+    assert torch.allclose(gain, torch.tensor([4.0, 1.0]), atol=1e-5)
+    assert torch.allclose(relative, torch.tensor([1.0, 0.8]), atol=1e-5)
+    assert torch.allclose(change[1] / change[0], torch.tensor(0.8), atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2, 3])
+def test_relative_gain_ranks_the_amplifying_layer_first(layer):
+    scores = layer_sensitivity(sharpened_llama(layer), random_batch(8, 10), generator=seeded(), measure="relative_gain")
+    assert int(scores.argmax()) == layer
+
+
 @pytest.mark.parametrize("build", [tiny_bert, tiny_llama])
-@pytest.mark.parametrize("measure", ["gain", "output_change"])
+@pytest.mark.parametrize("measure", ["gain", "relative_gain", "output_change"])
 def test_scores_are_reproducible_and_positive(build, measure):
     model = build(layers=4)
     batch = random_batch(8, 10)
