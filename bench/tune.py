@@ -6,7 +6,7 @@
         --out bench/results/tuning-decoder-sst2-h200 model.device=cuda
 
 Each method runs the same number of configurations (a 3 x 2 grid) with the same seeds on one
-tuning dataset, which is then left out of the benchmark table:
+tuning dataset, which is then left out of the benchmark table (`--grid client`, the default):
 
 - FedAvg:   train.lr x train.head_lr
 - FedProx:  train.lr x method.prox_mu (head_lr at the preset's 0.01)
@@ -14,7 +14,10 @@ tuning dataset, which is then left out of the benchmark table:
 
 `--grid server` tunes the server optimiser the same way: FedAdam's server learning rate over one
 grid for FedAvg's clients (the `fedadam` baseline) and for FibecFed's, each client at its method's
-tuned rates (federation.server_opt, docs/defaults.md).
+tuned rates (federation.server_opt, docs/defaults.md). `--grid measure` compares FibecFed's
+layer-sensitivity measures (`gain`, the default, against `relative_gain`), a switch the other
+methods lack; FedAvg runs beside them as a reference row. key=value arguments are config overrides
+for every run (e.g. `model.device=cuda`), in any order with the options.
 
 A configuration's score is the area under its global accuracy curve: the mean accuracy over all
 evaluated rounds 1..T, averaged over the seeds. It rewards learning early and ending high, and
@@ -37,6 +40,7 @@ from pathlib import Path
 from benchmarks import dataset_overrides
 
 from fibecfed import outputs
+from fibecfed.cli import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 LRS = [0.001, 0.002, 0.005]
@@ -53,7 +57,10 @@ SERVER_GRID: dict[str, list[list[str]]] = {
 }
 # FibecFed's layer-sensitivity measure (fibecfed.layers.layer_sensitivity), a switch the other
 # methods do not have: on the decoder, "gain" picks the first layers, "relative_gain" the last.
-MEASURE_GRID: dict[str, list[list[str]]] = {"fibecfed": [[], ["method.layers.measure=relative_gain"]]}
+MEASURE_GRID: dict[str, list[list[str]]] = {
+    "fibecfed": [[], ["method.layers.measure=relative_gain"]],
+    "fedavg": [[]],  # a reference row: FedAvg has no such switch
+}
 GRIDS = {"client": GRID, "server": SERVER_GRID, "measure": MEASURE_GRID}
 
 
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="client: learning rates (and FedProx's mu); server: FedAdam's server learning rate; "
                              "measure: FibecFed's layer-sensitivity measure")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run (e.g. model.device=cuda)")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     grid = GRIDS[args.grid]
     labels = [label(m, o) for m, configs in grid.items() for o in configs]
     base = ["--config", args.config, "--seeds", args.seeds, "--out", str(args.out), "--no-progress",
@@ -112,14 +119,16 @@ def main(argv: list[str] | None = None) -> int:
             table[name] = {"method": method, "overrides": overrides, "auc": statistics.fmean(aucs), "aucs": aucs,
                            "final": statistics.fmean(finals), "final_personalized": statistics.fmean(p for p in pers if p is not None)}
     chosen = {m: max((n for n, e in table.items() if e["method"] == m), key=lambda n: table[n]["auc"]) for m in grid}
-    lines = [f"Tuning on {args.dataset} ({args.config} preset), seeds {seeds}: score = mean global accuracy over rounds 1..T "
-             "(area under the curve), averaged over seeds.", "",
+    overrides = f", overrides `{' '.join(args.overrides)}`" if args.overrides else ""
+    lines = [f"Tuning on {args.dataset} ({args.config} preset{overrides}), seeds {seeds}: score = mean global accuracy "
+             "over rounds 1..T (area under the curve), averaged over seeds.", "",
              "| configuration | score (AUC) | per seed | final accuracy | final personalised | chosen |", "|---|---|---|---|---|---|"]
     for name, e in table.items():
         lines.append(f"| `{name}` | {e['auc']:.3f} | {', '.join(f'{a:.3f}' for a in e['aucs'])} | {e['final']:.3f} | "
                      f"{e['final_personalized']:.3f} | {'**yes**' if chosen[e['method']] == name else ''} |")
     text = "\n".join(lines) + "\n"
-    outputs.write_json(args.out / "tuning.json", {"dataset": args.dataset, "seeds": seeds, "table": table, "chosen": chosen})
+    outputs.write_json(args.out / "tuning.json", {"dataset": args.dataset, "config": args.config, "overrides": args.overrides,
+                                                    "seeds": seeds, "table": table, "chosen": chosen})
     outputs.atomic_write_text(args.out / "tuning.md", text)
     print(text)
     return 0

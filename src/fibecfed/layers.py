@@ -100,6 +100,25 @@ def _mean_token_norm(states: torch.Tensor, token_mask: torch.Tensor) -> torch.Te
     return per_sample[token_mask.any(dim=1)].mean()
 
 
+def hidden_state_sizes(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """S_0 .. S_L, shape (L+1,), on the CPU: the mean token norm of the first block's input and of
+    each block's output (real tokens only, each sample weighing the same), as `layer_sensitivity`
+    measures them; eval mode, no grad, every module's mode restored."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            embeddings = model.get_input_embeddings()
+            embeds = embeddings(batch["input_ids"].to(embeddings.weight.device))
+            attention_mask = batch["attention_mask"].to(embeds.device)
+            states = _layer_hidden_states(model, transformer_layers(model), embeds, attention_mask)
+            sizes = torch.stack([_mean_token_norm(h, attention_mask.bool()) for h in states])
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return sizes.cpu()
+
+
 def layer_sensitivity(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor],
@@ -123,8 +142,8 @@ def layer_sensitivity(
     output of layer l also carries every earlier layer's change.
     measure="relative_gain": (Δ_{l+1} / S_{l+1}) / (Δ_l / S_l) with S_j the mean token norm of h_j
     (a ratio of token averages, like Δ): how much layer l amplifies a *relative* perturbation of
-    its input, its relative condition number. Unlike "gain" it does not reward a layer for
-    changing the scale of the residual stream: in SmolLM2 layer 0 lifts the tiny embeddings
+    its input, its relative condition number: gain · S_l / S_{l+1}. Unlike "gain" it does not
+    reward a layer for growing the residual stream (and it rewards one that shrinks it): in SmolLM2 layer 0 lifts the tiny embeddings
     (mean norm 2.8) to norm 47 and so scores a gain of 12, and a "massive activation" layer (11,
     norm 144 -> 892) scores 1.2; their relative gains are 0.70 and 0.20
     (`bench/layer_probe.py --config bench-decoder`). Not the default: it lost on the tuning set

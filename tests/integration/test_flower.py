@@ -1,5 +1,5 @@
 """The Flower runtime against the in-process simulator: Flower's simulation runtime (Ray), real
-ServerApp and ClientApps, a tiny model, 400 real tweets, two devices, two rounds."""
+ServerApp and ClientApps, a tiny model, 400 real tweets, two devices, two to four rounds."""
 
 from __future__ import annotations
 
@@ -75,6 +75,12 @@ def test_flower_simulation_matches_inprocess(tiny_encoder_dir, tmp_path, method,
                 assert node["extra"][key] == value
     if method == "fibecfed":
         assert checkpoint["device_states"][0]["personal"]  # layers that are not aggregated stay on the device
+    if extra == FEDADAM:
+        # Adam did run (in-process; the Flower run's adapter matches it): the head's moments and
+        # step count, and the chosen layer's after its first Adam step in round 3.
+        moments = torch.load(tmp_path / "inprocess" / "checkpoint.pt", weights_only=False)["server_moments"]
+        assert any(key.startswith("t/") and float(value) == 3 for key, value in moments.items())
+        assert any(key.startswith("t/") and float(value) == 1 for key, value in moments.items())
 
     # The same metrics, bytes aside (measured on Flower's messages, which also carry the round's settings).
     rows_a, rows_b = _rows(tmp_path / "inprocess" / "metrics.jsonl"), _rows(tmp_path / "flower" / "metrics.jsonl")

@@ -10,6 +10,7 @@ from fibecfed.layers import (
     _layer_hidden_states,
     aggregation_keys,
     combine_layer_scores,
+    hidden_state_sizes,
     layer_sensitivity,
     local_keys,
     register_policy,
@@ -136,7 +137,18 @@ def test_gain_and_relative_gain_by_hand():
     change = layer_sensitivity(model, batch, generator=seeded(), measure="output_change")
     assert torch.allclose(gain, torch.tensor([4.0, 1.0]), atol=1e-5)
     assert torch.allclose(relative, torch.tensor([1.0, 0.8]), atol=1e-5)
-    assert torch.allclose(change[1] / change[0], torch.tensor(0.8), atol=1e-5)
+    # Δ_0 by hand: the noise layer_sensitivity draws (same generator), at 0.01 · std(E).
+    noise = torch.randn(embeds.shape, generator=seeded())
+    delta_0 = (0.01 * embeds.std() * noise).norm(dim=-1).mean()
+    assert torch.allclose(change, torch.stack([4 * delta_0 / 4, 4 * delta_0 / 5]), rtol=1e-5)
+    # The sizes themselves: |e1| = 1, |4 e1| = 4, |4 e1 + 3 e2| = 5; the padded token (id 3, a
+    # different embedding) does not count.
+    with torch.no_grad():
+        model.embed.weight.copy_(torch.stack([e1, e1, e1, 7.0 * e2]))
+    ids = torch.tensor([[0, 1, 2, 3], [2, 1, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    sizes = hidden_state_sizes(model, {"input_ids": ids, "attention_mask": mask})
+    assert torch.allclose(sizes, torch.tensor([1.0, 4.0, 5.0]), atol=1e-6)
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2, 3])
