@@ -2,7 +2,8 @@
 
 Keys are those of `peft.get_peft_model_state_dict` (the format peft saves and loads), e.g.
 `base_model.model.bert.encoder.layer.3.attention.self.query.lora_A.weight` or, for a
-classification head, `base_model.model.classifier.weight`.
+classification head, `base_model.model.classifier.weight`, or for trainable label words
+(model.train_label_words), `base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ _ADAPTER_NAME = "default"
 def peft_key(parameter_name: str) -> str:
     """Map a parameter name of a peft model to its peft state-dict key (drop the adapter name)."""
     key = parameter_name.replace(f".modules_to_save.{_ADAPTER_NAME}.", ".")
-    return key.replace(f".{_ADAPTER_NAME}.", ".")
+    key = key.replace(f".{_ADAPTER_NAME}.", ".")
+    # A ParameterDict entry ends with the adapter name: peft's trainable tokens,
+    # `...embed_tokens.token_adapter.trainable_tokens_delta.default`.
+    return key.removesuffix(f".{_ADAPTER_NAME}")
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -41,6 +45,11 @@ def layer_of_key(key: str) -> int | None:
 
 def is_lora_key(key: str) -> bool:
     return ".lora_A." in key or ".lora_B." in key or ".lora_embedding_" in key
+
+
+def is_token_key(key: str) -> bool:
+    """peft's trainable token rows (model.train_label_words): a head, but not an nn.Linear's weight."""
+    return ".trainable_tokens_delta" in key
 
 
 def layer_keys(keys: Iterable[str]) -> dict[int, list[str]]:

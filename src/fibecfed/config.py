@@ -31,6 +31,10 @@ class ModelConfig:
     head: Literal["auto", "classifier", "verbalizer"] = "auto"
     # Label words for the verbalizer, one per class in label order (None: the label names).
     label_words: list[str] | None = None
+    # Verbalizer only: train the label words' rows of the LM head, a (C, H) head that every method
+    # exchanges and aggregates like a classifier head (train.head_lr). False: the pretrained rows,
+    # and the verbalizer has no head to aggregate.
+    train_label_words: bool = False
     # Prompt for the verbalizer; {text} and {text_pair} are replaced. None: "{text}\nAnswer:",
     # or "{text}\n{text_pair}\nAnswer:" for sentence-pair tasks.
     prompt_template: str | None = None

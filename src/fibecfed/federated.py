@@ -17,7 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from fibecfed.adapters import AdapterState, get_state, is_lora_key, layer_of_key, set_state, trainable_parameters
+from fibecfed.adapters import (
+    AdapterState,
+    get_state,
+    is_lora_key,
+    is_token_key,
+    layer_of_key,
+    set_state,
+    trainable_parameters,
+)
 from fibecfed.aggregation import UpdateProblem, merge_state, update_problem, weighted_average
 from fibecfed.curriculum import class_balanced_pool, curriculum_pool, pacing_fraction
 from fibecfed.encoding import EncodedDataset, collate
@@ -212,8 +220,11 @@ def difficulty_of_device(
     make_batch = lambda idx: runner.batch(train, idx)  # noqa: E731
     fisher = None
     if settings.score_wrt == "adapters":
+        # Per-sample gradients come from nn.Linear hooks; trainable label-word rows are embedding
+        # rows (tied to the LM head), so the adapter score leaves them out.
+        linear_params = {k: p for k, p in runner.params.items() if not is_token_key(k)}
         scores, fisher = score_and_fisher(
-            runner.loaded.model, runner.params, runner.logits, make_batch, ordered, settings.score_batch_size,
+            runner.loaded.model, linear_params, runner.logits, make_batch, ordered, settings.score_batch_size,
             normalize_by_length=settings.normalize_by_length,
         )
     else:

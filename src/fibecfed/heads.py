@@ -56,12 +56,35 @@ def _verbalizer(
     last = inputs["attention_mask"].sum(dim=1) - 1  # (B,) index of the last real token (right padding)
     final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
     lm_head = causal_lm.get_output_embeddings()
-    weight = lm_head.weight[label_token_ids]  # (C, H)
+    weight = label_rows(lm_head, label_token_ids)  # (C, H)
     logits = final @ weight.T  # (B, C)
     bias = getattr(lm_head, "bias", None)
     if bias is not None:
         logits = logits + bias[label_token_ids]
     return HeadOutput(logits, final, bias is not None)
+
+
+def label_rows(lm_head: nn.Module, label_token_ids: torch.Tensor) -> torch.Tensor:
+    """The LM head's rows of the label words, shape (C, H), as the model's forward would use them.
+
+    A plain head gives `weight[label_token_ids]`. Under peft's trainable tokens
+    (model.train_label_words) the head is a wrapper whose base weight keeps the pretrained rows
+    and whose (T, H) `trainable_tokens_delta` holds the current value of T token rows (it replaces
+    them, it is not added); the label words' rows are read from there, so gradients reach them
+    without peft rebuilding the whole (V, H) matrix.
+    """
+    adapter = getattr(lm_head, "token_adapter", None)
+    if adapter is None:
+        return lm_head.weight[label_token_ids]
+    name = adapter.active_adapters[0]
+    indices = adapter.token_indices[name]  # list of the T trainable token ids
+    delta = adapter.trainable_tokens_delta[name]  # (T, H)
+    position = {token: i for i, token in enumerate(indices)}
+    missing = [int(t) for t in label_token_ids.tolist() if int(t) not in position]
+    if missing:
+        raise ValueError(f"label token ids {missing} are not among the trainable tokens {indices}")
+    rows = torch.tensor([position[int(t)] for t in label_token_ids.tolist()], device=delta.device)
+    return delta[rows]
 
 
 def class_logits_and_features(

@@ -292,6 +292,15 @@ def label_token_ids(tokenizer: Any, label_words: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def _label_rows_module(model: nn.Module) -> str:
+    """Name of the module whose rows hold the label words' output weights: the input embedding
+    when the LM head is tied to it (peft then ties the wrapped LM head to the same rows), else the
+    LM head itself."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    target = model.get_input_embeddings() if tied else model.get_output_embeddings()
+    return next(name for name, module in model.named_modules() if module is target)
+
+
 def load_model(
     name: str,
     num_labels: int,
@@ -304,11 +313,19 @@ def load_model(
     device: str = "auto",
     cache_dir: str | None = None,
     seed: int = 0,
+    train_label_words: bool = False,
 ) -> LoadedModel:
     """Load a pretrained model, wrap it with LoRA (peft) and move it to the device.
 
     The classification head and the LoRA matrices are initialised from `seed` (without touching
     the global RNG), so every device and every run starts from the same global adapter.
+
+    train_label_words (verbalizer only): the C label words' rows of the LM head become a
+    trainable (C, H) parameter, peft's trainable tokens (`trainable_token_indices`), initialised
+    from the pretrained rows. It lies outside the transformer layers, so it is trained with
+    `train.head_lr` and exchanged every round like a classifier head; saved adapters keep it in
+    peft's format. With tied embeddings (SmolLM2) the same rows are the label words' input
+    embeddings, as peft ties them.
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -325,11 +342,17 @@ def load_model(
         head = "verbalizer" if decoder else "classifier"
     if head == "verbalizer" and not decoder:
         raise ModelError(f"model.head=verbalizer needs a decoder (causal LM); {name!r} is an encoder")
+    if train_label_words and head != "verbalizer":
+        raise ModelError(
+            f"model.train_label_words=true needs the verbalizer head; {name!r} has a {head} head, which always trains"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    token_ids = None
     if head == "verbalizer":
         # Truncate the start of a long text, never the prompt's end where the label word follows.
         tokenizer.truncation_side = "left"
+        token_ids = label_token_ids(tokenizer, label_words or [])
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -353,8 +376,16 @@ def load_model(
         if isinstance(targets, str):
             targets = [targets]
         try:
+            extra = {}
+            if train_label_words and token_ids is not None:
+                extra["trainable_token_indices"] = {_label_rows_module(model): token_ids.tolist()}
             peft_config = PeftLoraConfig(
-                task_type=task_type, r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets
+                task_type=task_type,
+                r=lora_r,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                target_modules=targets,
+                **extra,
             )
             with warnings.catch_warnings():
                 # peft asks transformers a deprecated question; the answer is right, the warning noise.
@@ -363,9 +394,6 @@ def load_model(
         except ValueError as exc:
             raise ModelError(f"LoRA on {name!r} failed: {str(exc).splitlines()[0]}; check lora.target_modules") from None
 
-    token_ids = None
-    if head == "verbalizer":
-        token_ids = label_token_ids(tokenizer, label_words or [])
     dev = resolve_device(device)
     model.to(dev)
     return LoadedModel(

@@ -124,6 +124,7 @@ def prepare(config: RunConfig) -> Prepared:
         device=config.model.device,
         cache_dir=config.model.cache_dir,
         seed=config.seed,
+        train_label_words=config.model.train_label_words,
     )
     template = None
     if loaded.head == "verbalizer":
