@@ -4,6 +4,8 @@
     python bench/tune.py --grid server --dataset sst2 --seeds 0,1 --out bench/results/tuning-server-sst2
     python bench/tune.py --grid measure --config bench-decoder --dataset sst2 --seeds 0,1 \
         --out bench/results/tuning-decoder-sst2-h200 model.device=cuda
+    python bench/tune.py --grid labelwords --config bench-decoder --dataset sst2 --seeds 0,1 \
+        --out bench/results/tuning-decoder-sst2-labelwords
 
 Each method runs the same number of configurations (a 3 x 2 grid) with the same seeds on one
 tuning dataset, which is then left out of the benchmark table (`--grid client`, the default):
@@ -16,7 +18,8 @@ tuning dataset, which is then left out of the benchmark table (`--grid client`, 
 grid for FedAvg's clients (the `fedadam` baseline) and for FibecFed's, each client at its method's
 tuned rates (federation.server_opt, docs/defaults.md). `--grid measure` compares FibecFed's
 layer-sensitivity measures (`gain`, the default, against `relative_gain`), a switch the other
-methods lack; FedAvg runs beside them as a reference row. key=value arguments are config overrides
+methods lack; FedAvg runs beside them as a reference row. `--grid labelwords` turns the decoder's
+trainable label words (model.train_label_words) on and off for FedAvg and FibecFed alike. key=value arguments are config overrides
 for every run (e.g. `model.device=cuda`), in any order with the options.
 
 A configuration's score is the area under its global accuracy curve: the mean accuracy over all
@@ -61,7 +64,11 @@ MEASURE_GRID: dict[str, list[list[str]]] = {
     "fibecfed": [[], ["method.layers.measure=relative_gain"]],
     "fedavg": [[]],  # a reference row: FedAvg has no such switch
 }
-GRIDS = {"client": GRID, "server": SERVER_GRID, "measure": MEASURE_GRID}
+# The verbalizer's trainable label words (model.train_label_words), a switch every method has: off
+# (the pretrained rows) against on, at the decoder preset's adapter rate for the rows too.
+LABEL_WORDS = ["model.train_label_words=true", "train.head_lr=0.001"]
+LABEL_WORDS_GRID: dict[str, list[list[str]]] = {"fedavg": [[], LABEL_WORDS], "fibecfed": [[], LABEL_WORDS]}
+GRIDS = {"client": GRID, "server": SERVER_GRID, "measure": MEASURE_GRID, "labelwords": LABEL_WORDS_GRID}
 
 
 def label(method: str, overrides: list[str]) -> str:
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--grid", choices=sorted(GRIDS), default="client",
                         help="client: learning rates (and FedProx's mu); server: FedAdam's server learning rate; "
-                             "measure: FibecFed's layer-sensitivity measure")
+                             "measure: FibecFed's layer-sensitivity measure; labelwords: the decoder's trainable label words")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run (e.g. model.device=cuda)")
     args = parse_args(parser, argv)
     grid = GRIDS[args.grid]

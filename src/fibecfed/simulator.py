@@ -23,7 +23,7 @@ import torch
 from fibecfed import faults, outputs
 from fibecfed.accounting import compute_clock
 from fibecfed.checks import check_devices_per_round, check_label_words
-from fibecfed.config import RunConfig, config_to_dict
+from fibecfed.config import RunConfig, config_to_dict, load_config
 from fibecfed.data.loaders import load_task
 from fibecfed.data.partition import partition_task
 from fibecfed.data.types import TaskData
@@ -178,19 +178,28 @@ def curriculum_settings(config: RunConfig) -> CurriculumSettings | None:
     )
 
 
-def _same_config(saved: dict[str, Any], current: dict[str, Any], path: tuple[str, ...] = ()) -> bool:
-    """Equal, except that keys the saved run predates (added to fibecfed since) and the
-    RESUME_FREE keys are ignored."""
+def _same_config(
+    saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None, path: tuple[str, ...] = ()
+) -> bool:
+    """Equal, except that the RESUME_FREE keys are ignored, and so are keys the saved run predates
+    (added to fibecfed since) while they keep their default (`defaults`, the default config for
+    the same method): a run made before a switch existed ran as if it were at its default, so
+    turning the switch on is another run."""
     for key, value in saved.items():
         if path + (key,) in RESUME_FREE:
             continue
         if key not in current:
             return False
         if isinstance(value, dict) and isinstance(current[key], dict):
-            if not _same_config(value, current[key], path + (key,)):
+            below = defaults.get(key) if isinstance(defaults, dict) else None
+            if not _same_config(value, current[key], below if isinstance(below, dict) else None, path + (key,)):
                 return False
         elif value != current[key]:
             return False
+    if defaults is not None:
+        for key in current.keys() - saved.keys():
+            if path + (key,) not in RESUME_FREE and (key not in defaults or current[key] != defaults[key]):
+                return False
     return True
 
 
@@ -340,7 +349,8 @@ class Simulation:
         checkpoint = outputs.load_checkpoint(self.out / CHECKPOINT) if self.resume else None
         if checkpoint is None:
             return None
-        if not _same_config(checkpoint["config"], config_to_dict(self.config)):
+        defaults = config_to_dict(load_config(None, [f"method={self.config.method.name}"]))
+        if not _same_config(checkpoint["config"], config_to_dict(self.config), defaults):
             raise ConfigError(
                 f"{self.out} holds a run with a different config; use another --out, or --fresh to start over"
             )

@@ -192,6 +192,26 @@ def test_config_comparison_ignores_keys_a_run_predates():
     assert _same_config({"a": 1, "m": {"x": 2}}, {"a": 1, "m": {"x": 2, "new": False}})
     assert not _same_config({"a": 1, "m": {"x": 2}}, {"a": 1, "m": {"x": 3, "new": False}})
     assert not _same_config({"a": 1, "gone": 0}, {"a": 1})
+    # A key the saved run predates counts only at its default: the old run ran as if it were.
+    defaults = {"a": 0, "m": {"x": 0, "new": False}}
+    assert _same_config({"a": 1, "m": {"x": 2}}, {"a": 1, "m": {"x": 2, "new": False}}, defaults)
+    assert not _same_config({"a": 1, "m": {"x": 2}}, {"a": 1, "m": {"x": 2, "new": True}}, defaults)
+
+
+def test_resume_refuses_a_run_made_before_a_switch_that_is_now_on(tiny_decoder_dir, tmp_path):
+    from fibecfed.errors import ConfigError
+
+    _run(tiny_decoder_dir, tmp_path, ["model.head=verbalizer"], rounds=1)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    checkpoint = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    # As if the run predated model.train_label_words.
+    del checkpoint["config"]["model"]["train_label_words"]
+    torch.save(checkpoint, tmp_path / CHECKPOINT)
+    assert "train_label_words" in saved["model"]
+    with pytest.raises(ConfigError, match="different config"):
+        _run(tiny_decoder_dir, tmp_path, ["model.head=verbalizer", "model.train_label_words=true"], rounds=1)
+    _, rows, _ = _run(tiny_decoder_dir, tmp_path, ["model.head=verbalizer"], rounds=1)  # at its default: the same run
+    assert [r["round"] for r in rows] == [0, 1]
 
 
 @pytest.mark.parametrize("wrt", ["embeddings", "logits", "head", "adapters"])
