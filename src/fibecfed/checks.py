@@ -43,5 +43,6 @@ def preflight(config: RunConfig) -> None:
     train_parts, _ = partition_task(task, config.partition, config.seed, config.data.group_column is not None)
     check_devices_per_round(config.federation.devices_per_round, len(train_parts))
     check_label_words(config.model.label_words, task.label_names)
-    check_model(config.model.name, config.model.head, config.lora.target_modules, config.model.cache_dir)
+    check_model(config.model.name, config.model.head, config.lora.target_modules, config.model.cache_dir,
+                config.model.train_label_words)
     logger.debug("preflight passed: %d train, %d test samples on %d devices", len(task.train), len(task.test), len(train_parts))

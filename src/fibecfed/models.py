@@ -230,7 +230,9 @@ def check_target_modules(targets: list[str], names: list[str], linear: list[str]
     )
 
 
-def check_model(name: str, head: str, target_modules: list[str] | str, cache_dir: str | None = None) -> None:
+def check_model(
+    name: str, head: str, target_modules: list[str] | str, cache_dir: str | None = None, train_label_words: bool = False
+) -> None:
     """Refuse a model that cannot load or cannot take the requested head and LoRA targets,
     without reading its weights."""
     path = resolve_model_source(name, cache_dir)
@@ -244,12 +246,18 @@ def check_model(name: str, head: str, target_modules: list[str] | str, cache_dir
     if head == "verbalizer" and not decoder:
         raise ModelError(f"model.head=verbalizer needs a decoder (causal LM); {name!r} is an encoder")
     head = ("verbalizer" if decoder else "classifier") if head == "auto" else head
+    if train_label_words and head != "verbalizer":
+        raise ModelError(_label_words_error(name, head))
     targets = default_target_modules(config.model_type, None) if target_modules == "auto" else target_modules
     try:
         names, linear = model_modules(path, head)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot build model {name!r} from its config: {_first_line(exc)}") from None
     check_target_modules([targets] if isinstance(targets, str) else list(targets), names, linear, name)
+
+
+def _label_words_error(name: str, head: str) -> str:
+    return f"model.train_label_words=true needs the verbalizer head; {name!r} has a {head} head, which always trains"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -343,9 +351,7 @@ def load_model(
     if head == "verbalizer" and not decoder:
         raise ModelError(f"model.head=verbalizer needs a decoder (causal LM); {name!r} is an encoder")
     if train_label_words and head != "verbalizer":
-        raise ModelError(
-            f"model.train_label_words=true needs the verbalizer head; {name!r} has a {head} head, which always trains"
-        )
+        raise ModelError(_label_words_error(name, head))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     token_ids = None

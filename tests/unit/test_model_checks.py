@@ -117,3 +117,12 @@ def test_check_model_on_a_real_folder(tiny_encoder_dir: Path) -> None:
 def test_verbalizer_on_an_encoder_is_refused(tiny_encoder_dir: Path) -> None:
     with pytest.raises(ModelError, match=r"model.head=verbalizer needs a decoder"):
         check_model(str(tiny_encoder_dir), "verbalizer", "auto")
+
+
+def test_trainable_label_words_need_the_verbalizer(tiny_encoder_dir: Path, tiny_decoder_dir: Path) -> None:
+    # Refused before any weight is read: an encoder's "auto" head is a classifier.
+    with pytest.raises(ModelError, match=r"train_label_words=true needs the verbalizer head; .* has a classifier head"):
+        check_model(str(tiny_encoder_dir), "auto", "auto", train_label_words=True)
+    with pytest.raises(ModelError, match=r"has a classifier head"):
+        check_model(str(tiny_decoder_dir), "classifier", "auto", train_label_words=True)
+    check_model(str(tiny_decoder_dir), "auto", "auto", train_label_words=True)
