@@ -3,7 +3,7 @@
 Keys are those of `peft.get_peft_model_state_dict` (the format peft saves and loads), e.g.
 `base_model.model.bert.encoder.layer.3.attention.self.query.lora_A.weight` or, for a
 classification head, `base_model.model.classifier.weight`, or for trainable label words
-(model.train_label_words), `base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta`.
+(model.train_label_words), `base_model.model.lm_head.token_adapter.trainable_tokens_delta`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def peft_key(parameter_name: str) -> str:
     key = parameter_name.replace(f".modules_to_save.{_ADAPTER_NAME}.", ".")
     key = key.replace(f".{_ADAPTER_NAME}.", ".")
     # A ParameterDict entry ends with the adapter name: peft's trainable tokens,
-    # `...embed_tokens.token_adapter.trainable_tokens_delta.default`.
+    # `...lm_head.token_adapter.trainable_tokens_delta.default`.
     return key.removesuffix(f".{_ADAPTER_NAME}")
 
 

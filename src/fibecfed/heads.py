@@ -58,7 +58,9 @@ def _verbalizer(
     lm_head = causal_lm.get_output_embeddings()
     weight = label_rows(lm_head, label_token_ids)  # (C, H)
     logits = final @ weight.T  # (B, C)
-    bias = getattr(lm_head, "bias", None)
+    # peft's wrapper of trainable label words hides the head's other attributes: its bias is the base layer's.
+    adapter = getattr(lm_head, "token_adapter", None)
+    bias = getattr(lm_head if adapter is None else adapter.get_base_layer(), "bias", None)
     if bias is not None:
         logits = logits + bias[label_token_ids]
     return HeadOutput(logits, final, bias is not None)
@@ -71,7 +73,8 @@ def label_rows(lm_head: nn.Module, label_token_ids: torch.Tensor) -> torch.Tenso
     (model.train_label_words) the head is a wrapper whose base weight keeps the pretrained rows
     and whose (T, H) `trainable_tokens_delta` holds the current value of T token rows (it replaces
     them, it is not added); the label words' rows are read from there, so gradients reach them
-    without peft rebuilding the whole (V, H) matrix.
+    without peft rebuilding the whole (V, H) matrix (only the LM head is wrapped, so no forward
+    pass rebuilds it either: the scores come from these rows, not from the head's forward).
     """
     adapter = getattr(lm_head, "token_adapter", None)
     if adapter is None:

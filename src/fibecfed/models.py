@@ -301,12 +301,13 @@ def label_token_ids(tokenizer: Any, label_words: list[str]) -> torch.Tensor:
 
 
 def _label_rows_module(model: nn.Module) -> str:
-    """Name of the module whose rows hold the label words' output weights: the input embedding
-    when the LM head is tied to it (peft then ties the wrapped LM head to the same rows), else the
-    LM head itself."""
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    target = model.get_input_embeddings() if tied else model.get_output_embeddings()
-    return next(name for name, module in model.named_modules() if module is target)
+    """Name of the LM head, whose rows of the label words become trainable. Also when it is tied
+    to the input embedding (SmolLM2): peft then wraps the head alone, so the embedding stays a
+    plain lookup (trainable tokens on it would rebuild the whole (V, H) matrix with a gradient on
+    every forward, and no backward pass could stop below the lowest trained layer), and the
+    label words keep their pretrained input embeddings, in training and in a loaded adapter."""
+    head = model.get_output_embeddings()
+    return next(name for name, module in model.named_modules() if module is head)
 
 
 def load_model(
@@ -332,8 +333,8 @@ def load_model(
     trainable (C, H) parameter, peft's trainable tokens (`trainable_token_indices`), initialised
     from the pretrained rows. It lies outside the transformer layers, so it is trained with
     `train.head_lr` and exchanged every round like a classifier head; saved adapters keep it in
-    peft's format. With tied embeddings (SmolLM2) the same rows are the label words' input
-    embeddings, as peft ties them.
+    peft's format. Only the LM head's rows train, also where the head is tied to the input
+    embedding (see `_label_rows_module`).
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -400,6 +401,9 @@ def load_model(
         except ValueError as exc:
             raise ModelError(f"LoRA on {name!r} failed: {str(exc).splitlines()[0]}; check lora.target_modules") from None
 
+    if train_label_words and not hasattr(model.get_base_model().get_output_embeddings(), "token_adapter"):
+        # heads.label_rows would read the pretrained rows while the trainable ones sat elsewhere.
+        raise ModelError(f"peft did not make the label words' rows of {name!r}'s LM head trainable")
     dev = resolve_device(device)
     model.to(dev)
     return LoadedModel(

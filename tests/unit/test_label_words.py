@@ -61,8 +61,9 @@ def test_label_rows_are_one_head_key_outside_the_layers(tied, tied_decoder_dir, 
     extra = [k for k in params if k not in trainable_parameters(plain.model)]
     assert len(extra) == 1 and is_token_key(extra[0])
     key = extra[0]
-    # Tied: the input embedding carries the rows (peft ties the LM head to them); untied: the LM head.
-    assert (".embed_tokens." in key) == tied and (".lm_head." in key) == (not tied)
+    # The LM head's rows, tied to the input embedding or not: the embedding stays a plain lookup.
+    assert ".lm_head.token_adapter." in key
+    assert type(trained.model.get_base_model().get_input_embeddings()) is torch.nn.Embedding
     assert layer_of_key(key) is None and not is_lora_key(key)
     assert params[key].shape == (3, 16)
     assert set(params) == set(get_peft_model_state_dict(trained.model))
@@ -111,12 +112,15 @@ def test_label_rows_missing_from_the_trainable_tokens_is_an_error(tiny_decoder_d
         label_rows(lm_head, torch.tensor([5]))
 
 
-@pytest.mark.parametrize("method", ["fedavg", "fibecfed"])
-def test_runs_aggregate_the_label_rows_and_save_them_for_peft(method, tiny_decoder_dir, tmp_path):
-    from peft import PeftModel, get_peft_model_state_dict
+@pytest.mark.parametrize(("method", "tied"), [("fedavg", False), ("fibecfed", True)])
+def test_runs_aggregate_the_label_rows_and_save_them_for_peft(method, tied, tied_decoder_dir, tiny_decoder_dir, tmp_path):
+    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    extra = [f"method={method}", "model.head=verbalizer", "model.train_label_words=true", "train.head_lr=0.05"]
+    tiny_decoder_dir = tied_decoder_dir if tied else tiny_decoder_dir
+    # score_wrt=adapters: the rows are left out of the per-sample gradients (not an nn.Linear's).
+    extra = [f"method={method}", "model.head=verbalizer", "model.train_label_words=true", "train.head_lr=0.05",
+             "method.curriculum.score_wrt=adapters", "method.curriculum.score_at=first_participation"]
     config = load_config(None, tiny_run_overrides(tiny_decoder_dir, 2) + extra)
     Simulation(config, tmp_path).run()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -133,6 +137,15 @@ def test_runs_aggregate_the_label_rows_and_save_them_for_peft(method, tiny_decod
     loaded = get_peft_model_state_dict(model)
     for name, value in checkpoint["global_state"].items():
         assert torch.equal(loaded[name], value), name
+    # The loaded model scores the label words with the trained rows, as the run did.
+    run_model = _load(tiny_decoder_dir, True)
+    set_peft_model_state_dict(run_model.model, checkpoint["global_state"])
+    batch = {k: v for k, v in _batch(run_model).items() if k != "labels"}
+    with torch.no_grad():
+        full = model(**batch).logits  # (B, L, V)
+        ours = class_logits(run_model.model, batch, "verbalizer", run_model.label_token_ids)
+    last = batch["attention_mask"].sum(dim=1) - 1
+    torch.testing.assert_close(ours, full[torch.arange(2), last][:, run_model.label_token_ids], rtol=1e-5, atol=1e-5)
 
 
 def test_label_words_on_a_classifier_is_a_clear_error(tiny_encoder_dir):
@@ -140,3 +153,42 @@ def test_label_words_on_a_classifier_is_a_clear_error(tiny_encoder_dir):
 
     with pytest.raises(ModelError, match="needs the verbalizer head"):
         load_model(str(tiny_encoder_dir), num_labels=3, train_label_words=True)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_no_gradient_flows_into_the_layers_for_the_rows_alone(tied, tied_decoder_dir, tiny_decoder_dir):
+    # With only the rows trainable, the backward pass stops at them: the hidden states need no
+    # gradient (were the tied embedding wrapped instead, every layer's backward would run).
+    loaded = _load(tied_decoder_dir if tied else tiny_decoder_dir, True)
+    for key, param in trainable_parameters(loaded.model).items():
+        param.requires_grad_(is_token_key(key))
+    out = class_logits_and_features(loaded.model, _batch(loaded), "verbalizer", loaded.label_token_ids)
+    assert out.logits.requires_grad and not out.features.requires_grad
+
+
+def test_a_biased_lm_head_keeps_its_bias():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=32, tie_word_embeddings=False)
+    ids = torch.tensor([5, 9])
+
+    def build(rows: bool):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        model.lm_head = torch.nn.Linear(16, 50, bias=True)  # as Phi's or GPT-J's head
+        torch.nn.init.normal_(model.lm_head.bias, std=1.0)
+        extra = {"trainable_token_indices": {"lm_head": ids.tolist()}} if rows else {}
+        return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"], **extra))
+
+    batch = {"input_ids": torch.tensor([[3, 4, 8]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    plain, trained = build(False), build(True)
+    with torch.no_grad():
+        a = class_logits_and_features(plain, batch, "verbalizer", ids)
+        b = class_logits_and_features(trained, batch, "verbalizer", ids)
+    assert a.has_bias and b.has_bias
+    torch.testing.assert_close(a.logits, b.logits)
+    bias = plain.get_base_model().lm_head.bias[ids]
+    torch.testing.assert_close(a.logits, a.features @ plain.get_base_model().lm_head.weight[ids].T + bias)
