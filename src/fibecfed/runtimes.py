@@ -10,14 +10,15 @@ from fibecfed.errors import FibecfedError
 
 
 def run(config: RunConfig, out: str | Path, progress: bool = False) -> dict[str, Any]:
-    """Run `config` into `out`; return the summary. The in-process runtime resumes an unfinished
-    run in `out`; the Flower runtime starts over (the devices' states were on the nodes)."""
+    """Run `config` into `out`; return the summary. Both runtimes resume an unfinished run in
+    `out`. On Flower's simulation runtime the virtual nodes keep the devices' states in
+    `out/node-states`, so that they survive the run's processes."""
     if config.federation.runtime == "flower":
         try:
             from fibecfed.flower.simulation import run_flower_simulation
         except ImportError as exc:
             raise FibecfedError(f"{exc} (or set federation.runtime=inprocess)") from None
-        return run_flower_simulation(config, out)
+        return run_flower_simulation(config, out, state_dir=Path(out) / "node-states")
     from fibecfed.simulator import Simulation
 
     return Simulation(config, out, progress=progress).run()

@@ -178,7 +178,7 @@ def curriculum_settings(config: RunConfig) -> CurriculumSettings | None:
     )
 
 
-def _same_config(
+def same_config(
     saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None, path: tuple[str, ...] = ()
 ) -> bool:
     """Equal, except that the RESUME_FREE keys are ignored, and so are keys the saved run predates
@@ -192,7 +192,7 @@ def _same_config(
             return False
         if isinstance(value, dict) and isinstance(current[key], dict):
             below = defaults.get(key) if isinstance(defaults, dict) else None
-            if not _same_config(value, current[key], below if isinstance(below, dict) else None, path + (key,)):
+            if not same_config(value, current[key], below if isinstance(below, dict) else None, path + (key,)):
                 return False
         elif value != current[key]:
             return False
@@ -350,7 +350,7 @@ class Simulation:
         if checkpoint is None:
             return None
         defaults = config_to_dict(load_config(None, [f"method={self.config.method.name}"]))
-        if not _same_config(checkpoint["config"], config_to_dict(self.config), defaults):
+        if not same_config(checkpoint["config"], config_to_dict(self.config), defaults):
             raise ConfigError(
                 f"{self.out} holds a run with a different config; use another --out, or --fresh to start over"
             )

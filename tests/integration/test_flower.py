@@ -189,3 +189,49 @@ def test_injected_faults_on_flower_match_the_inprocess_run(tiny_encoder_dir, tmp
     node = torch.load(tmp_path / "node-states" / "device-0.pt", weights_only=False)
     assert node["participations"] == states[0]["participations"] == 2
     _assert_close(states[0]["personal"], node["personal"], "device 0 personal")
+
+
+def test_a_killed_flower_run_resumes_and_matches_the_inprocess_run(tiny_encoder_dir, tmp_path, monkeypatch):
+    """The ServerApp dies in round 3 after the nodes trained and saved that round, before the
+    server saved it; started again, it goes on after round 2 and the nodes train round 3 again
+    from their states after round 2 (kept beside the newer ones), not from the newer ones."""
+    from fibecfed.flower.simulation import run_flower_simulation
+    from fibecfed.flower.strategy import FibecFedStrategy
+
+    overrides = tiny_run_overrides(tiny_encoder_dir, 3) + ["partition.num_devices=2", "method=fibecfed", *REFRESH]
+    Simulation(load_config(None, overrides), tmp_path / "inprocess").run()
+    config = load_config(None, overrides + ["federation.runtime=flower"])
+    aggregate = FibecFedStrategy.aggregate_train
+
+    def dies_in_round_three(self, server_round, replies):
+        if server_round + self.offset == 3:
+            raise RuntimeError("the ServerApp's machine goes down")
+        return aggregate(self, server_round, replies)
+
+    monkeypatch.setattr(FibecFedStrategy, "aggregate_train", dies_in_round_three)
+    with pytest.raises(RuntimeError, match="machine goes down"):  # run_simulation re-raises the ServerApp's error
+        run_flower_simulation(config, tmp_path / "flower", state_dir=tmp_path / "node-states")
+    assert [r["round"] for r in _rows(tmp_path / "flower" / "metrics.jsonl")] == [0, 1, 2]
+    for device in (0, 1):  # both trained round 3 and kept it, and round 2's state beside it
+        latest = torch.load(tmp_path / "node-states" / f"device-{device}.pt", weights_only=False)
+        previous = torch.load(tmp_path / "node-states" / f"device-{device}.prev.pt", weights_only=False)
+        assert (latest["participations"], previous["participations"]) == (3, 2)
+    monkeypatch.setattr(FibecFedStrategy, "aggregate_train", aggregate)
+    run_flower_simulation(config, tmp_path / "flower", state_dir=tmp_path / "node-states")
+
+    rows_a, rows_b = _rows(tmp_path / "inprocess" / "metrics.jsonl"), _rows(tmp_path / "flower" / "metrics.jsonl")
+    assert [r["round"] for r in rows_b] == [0, 1, 2, 3]
+    for a, b in zip(rows_a, rows_b):
+        assert a["devices"] == b["devices"] and a["aggregated_layers"] == b["aggregated_layers"]
+        for key in ("accuracy", "personalized_accuracy", "loss"):
+            assert a.get(key) == pytest.approx(b.get(key), abs=1e-6), (a["round"], key)
+    _assert_close(
+        load_file(tmp_path / "inprocess" / "adapter" / "adapter_model.safetensors"),
+        load_file(tmp_path / "flower" / "adapter" / "adapter_model.safetensors"),
+        "global adapter",
+    )
+    for device, expected in read_device_states(tmp_path / "inprocess").items():
+        node = torch.load(tmp_path / "node-states" / f"device-{device}.pt", weights_only=False)
+        assert node["participations"] == expected.participations == 3
+        _assert_close(expected.personal, node["personal"], f"device {device} personal")
+

@@ -66,3 +66,46 @@ def test_train_message_carries_the_plan_and_the_stale_keys():
     # Stale keys are adapter bytes too (counted as download).
     assert records.adapter_bytes(content) == sum(content.array_records[n].count_bytes() for n in (records.GLOBAL, records.STALE))
     assert records.state_fingerprint(plan.state) != fingerprint
+
+
+def _context(state_dir=None):
+    from flwr.app import Context
+
+    node_config = {"partition-id": 0, **({"state-dir": str(state_dir)} if state_dir else {})}
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def _state(participations: int) -> DeviceState:
+    return DeviceState(personal={"k": torch.full((2,), float(participations))}, participations=participations,
+                       extra={"scored_round": participations})
+
+
+def test_a_node_trains_from_the_state_the_server_counts(tmp_path):
+    from fibecfed.flower.client_app import device_state, keep_device_state
+
+    folder = tmp_path / "states"
+    context = _context()
+    for count in (1, 2):
+        keep_device_state(context, folder, 0, "run-a", _state(count))
+    # In memory: the last kept round's state and the one before (a round the server did not count).
+    assert device_state(context, folder, 0, "run-a", 2).personal["k"].tolist() == [2.0, 2.0]
+    assert device_state(context, None, 0, "run-a", 1).extra == {"scored_round": 1}
+    assert device_state(context, None, 0, "run-a", 0).participations == 0  # before its first round: fresh
+    assert device_state(context, folder, 0, "run-a", None).participations == 2  # a server that does not say: newest
+    with pytest.raises(RuntimeError, match="after 3 rounds, but this node holds its state after \\[1, 2\\] rounds"):
+        device_state(context, folder, 0, "run-a", 3)
+    # A restarted node (empty Context.state) finds both on disk ...
+    restarted = _context()
+    assert device_state(restarted, folder, 0, "run-a", 1).personal["k"].tolist() == [1.0, 1.0]
+    assert device_state(restarted, folder, 0, "run-a", 2).participations == 2
+    # ... but without its folder it cannot make up a state it lost,
+    with pytest.raises(RuntimeError, match="no state folder"):
+        device_state(restarted, None, 0, "run-a", 2)
+    # and another run's states (another run id) are not this run's.
+    assert device_state(restarted, folder, 0, "run-b", 0).participations == 0
+    with pytest.raises(RuntimeError, match="holds its state after no rounds"):
+        device_state(restarted, folder, 0, "run-b", 1)
+    # A new run on the same node starts its memory over: the old run's states are not its "before".
+    keep_device_state(context, folder, 0, "run-b", _state(1))
+    assert device_state(context, None, 0, "run-b", 0).participations == 0
+    assert device_state(context, None, 0, "run-b", 1).participations == 1

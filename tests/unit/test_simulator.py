@@ -187,15 +187,15 @@ def test_decoder_heads_run_fibecfed(tiny_decoder_dir, tmp_path, head):
 
 
 def test_config_comparison_ignores_keys_a_run_predates():
-    from fibecfed.simulator import _same_config
+    from fibecfed.simulator import same_config
 
-    assert _same_config({"a": 1, "m": {"x": 2}}, {"a": 1, "m": {"x": 2, "new": False}})
-    assert not _same_config({"a": 1, "m": {"x": 2}}, {"a": 1, "m": {"x": 3, "new": False}})
-    assert not _same_config({"a": 1, "gone": 0}, {"a": 1})
+    assert same_config({"a": 1, "m": {"x": 2}}, {"a": 1, "m": {"x": 2, "new": False}})
+    assert not same_config({"a": 1, "m": {"x": 2}}, {"a": 1, "m": {"x": 3, "new": False}})
+    assert not same_config({"a": 1, "gone": 0}, {"a": 1})
     # A key the saved run predates counts only at its default: the old run ran as if it were.
     defaults = {"a": 0, "m": {"x": 0, "new": False}}
-    assert _same_config({"a": 1, "m": {"x": 2}}, {"a": 1, "m": {"x": 2, "new": False}}, defaults)
-    assert not _same_config({"a": 1, "m": {"x": 2}}, {"a": 1, "m": {"x": 2, "new": True}}, defaults)
+    assert same_config({"a": 1, "m": {"x": 2}}, {"a": 1, "m": {"x": 2, "new": False}}, defaults)
+    assert not same_config({"a": 1, "m": {"x": 2}}, {"a": 1, "m": {"x": 2, "new": True}}, defaults)
 
 
 def test_resume_refuses_a_run_made_before_a_switch_that_is_now_on(tiny_decoder_dir, tmp_path):

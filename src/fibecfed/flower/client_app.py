@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,8 @@ from flwr.clientapp import ClientApp
 
 from fibecfed import faults, outputs
 from fibecfed.config import RunConfig
-from fibecfed.device_store import state_to_payload
-from fibecfed.federated import ProbeSettings, check_update
+from fibecfed.device_store import state_from_payload, state_to_payload
+from fibecfed.federated import DeviceState, ProbeSettings, check_update
 from fibecfed.flower import records
 from fibecfed.layers import transformer_layers
 from fibecfed.simulator import Prepared, prepare, probe_device, train_device
@@ -87,6 +88,67 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"node": ConfigRecord({"partition-id": partition_id(context)})}), reply_to=msg)
 
 
+def _saved_states(context: Context, folder: Path | None, device: int, run: str) -> list[DeviceState]:
+    """This device's states of run `run`, newest first: in memory (the last kept round's and the
+    one before), then on disk (`device-N.pt` and `device-N.prev.pt`), then a fresh one."""
+    states = []
+    tag = context.state.config_records.get(records.RUN_TAG)
+    if tag is not None and str(tag["run"]) == run:
+        for prefix in (records.STATE_PREFIX, records.PREV_PREFIX):
+            if records.has_device_state(context.state, prefix):
+                states.append(records.device_state_from_records(context.state, prefix))
+    if folder is not None:
+        for path in (folder / f"device-{device}.pt", folder / f"device-{device}.prev.pt"):
+            payload = outputs.load_checkpoint(path)
+            if payload is not None and payload.get("run") == run:
+                states.append(state_from_payload(payload))
+    return [*states, DeviceState()]
+
+
+def device_state(context: Context, folder: Path | None, device: int, run: str, participations: int | None) -> DeviceState:
+    """The device's state after `participations` kept rounds, as the server counts them.
+
+    Usually the one in memory. After a round the server did not count (its reply came too late,
+    or the server stopped before saving the round and now resumes) it is the one before; after a
+    restart of the node or of the run, the one on disk. None (an older server): the newest.
+    """
+    candidates = _saved_states(context, folder, device, run)
+    if participations is None:
+        return candidates[0]
+    for state in candidates:
+        if state.participations == participations:
+            return state
+    found = sorted({s.participations for s in candidates[:-1]})
+    where = f"its state folder {folder}" if folder is not None else "no state folder (node config state-dir)"
+    raise RuntimeError(
+        f"device {device}: the server resumes it after {participations} rounds, but this node holds its state after "
+        f"{found or 'no'} rounds and has {where}; a run resumes only with the nodes' state folders"
+    )
+
+
+def keep_device_state(context: Context, folder: Path | None, device: int, run: str, state: DeviceState) -> None:
+    """Keep the state of a round that passed the server's check, and the one before it (the
+    server may still not count the round), in memory and, with a state folder, on disk."""
+    tag = context.state.config_records.get(records.RUN_TAG)
+    if tag is not None and str(tag["run"]) == run and records.has_device_state(context.state):
+        records.store_device_state(context.state, records.device_state_from_records(context.state), records.PREV_PREFIX)
+    else:
+        records.store_device_state(context.state, DeviceState(), records.PREV_PREFIX)
+    records.store_device_state(context.state, state)
+    context.state[records.RUN_TAG] = ConfigRecord({"run": run})
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        latest, previous = folder / f"device-{device}.pt", folder / f"device-{device}.prev.pt"
+        if latest.is_file():
+            os.replace(latest, previous)
+        outputs.save_checkpoint(latest, {**state_to_payload(state), "run": run})
+
+
+def _state_folder(context: Context, state_dir: str | Path | None) -> Path | None:
+    folder = context.node_config.get("state-dir") or state_dir
+    return Path(folder) if folder else None
+
+
 def train(msg: Message, context: Context, state_dir: str | Path | None = None) -> Message:
     """One round of local training (`device_round`); the private state is kept only if the
     update passes the server's check (`check_update`, against the global values received: the
@@ -112,7 +174,8 @@ def train(msg: Message, context: Context, state_dir: str | Path | None = None) -
         logger.warning("device %d hangs in round %d (injected): no answer before the deadline", device, order.round_num)
         time.sleep(federation.device_timeout_s + HANG_MARGIN_S)
         raise faults.InjectedFault(f"device {device} hung in round {order.round_num} (injected fault)")
-    state = records.device_state_from_records(context.state)
+    folder = _state_folder(context, state_dir)
+    state = device_state(context, folder, device, order.run, order.participations)
     global_values = {**data.initial_state, **order.global_values}
     update = train_device(
         data.config, data.prepared, device, order.round_num, global_values, state, data.initial_state,
@@ -125,11 +188,7 @@ def train(msg: Message, context: Context, state_dir: str | Path | None = None) -
         logger.warning("device %d: the server will reject its update of round %d (%s); its state stays as before",
                        device, order.round_num, problem.reason)
     else:
-        records.store_device_state(context.state, state)
-        folder = context.node_config.get("state-dir") or state_dir
-        if folder:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            outputs.save_checkpoint(Path(folder) / f"device-{device}.pt", state_to_payload(state))
+        keep_device_state(context, folder, device, order.run, state)
     return Message(records.update_content(update), reply_to=msg)
 
 
@@ -147,7 +206,7 @@ def probe(msg: Message, context: Context) -> Message:
     }), reply_to=msg)
 
 
-def evaluate(msg: Message, context: Context) -> Message:
+def evaluate(msg: Message, context: Context, state_dir: str | Path | None = None) -> Message:
     """Personalised evaluation: this device's own model (its personal entries of the layers not
     exchanged this round, over the new global state) on its own test part; the predictions go
     back, and the server pools every device's into one score (as the simulator does)."""
@@ -157,7 +216,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     runner, prepared = data.prepared.runner, data.prepared
     global_state = records.record_to_state(msg.content.array_records[records.GLOBAL])
     shared = set(json.loads(cfg["exchanged-keys"]))
-    personal = records.device_state_from_records(context.state).personal
+    participations = int(cfg["participations"]) if "participations" in cfg else None
+    personal = device_state(context, _state_folder(context, state_dir), device, str(cfg.get("run", "")), participations).personal
     runner.load_state(global_state)
     runner.load_state({k: v for k, v in personal.items() if k not in shared}, strict=False)
     part = prepared.device_eval_indices[device]
@@ -176,7 +236,11 @@ def make_client_app(state_dir: str | Path | None = None) -> ClientApp:
         return train(msg, context, state_dir)
 
     app.train("probe")(probe)
-    app.evaluate()(evaluate)
+
+    @app.evaluate()
+    def evaluate_round(msg: Message, context: Context) -> Message:
+        return evaluate(msg, context, state_dir)
+
     return app
 
 

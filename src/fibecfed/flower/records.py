@@ -29,8 +29,12 @@ PERSONALIZED = "personalized"  # the device's own-model metrics after training
 LAYER_SCORES = "layer-scores"  # (L,) layer sensitivities
 PREDICTIONS = "predictions"  # predictions and labels of a personalised evaluation
 
-# Names of the device's private state inside Context.state.
+# Names of the device's private state inside Context.state: the state after the device's last
+# kept round, the one before it (PREV_PREFIX; a round the server did not count is undone from
+# it), and the run they belong to (RUN_TAG).
 STATE_PREFIX = "fibecfed."
+PREV_PREFIX = "fibecfed-prev."
+RUN_TAG = "fibecfed-run"
 
 
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -83,6 +87,10 @@ class TrainOrder:
     probe: ProbeSettings | None
     global_values: AdapterState  # exchanged keys, plus the stale non-exchanged keys the node lacks
     initial_fingerprint: str  # of the server's initial global adapter (state_fingerprint)
+    run: str = ""  # the run's id (kept over a resume): a node's saved state belongs to one run
+    # The device's kept participations before this round, as the server counted them (None: a
+    # server that does not say); the node trains from its state with that count.
+    participations: int | None = None
 
 
 def _settings_to_json(settings: Any) -> str:
@@ -90,9 +98,11 @@ def _settings_to_json(settings: Any) -> str:
 
 
 def train_content(
-    plan: Any, device: int, config_json: str, stale: Mapping[str, torch.Tensor], initial_fingerprint: str
+    plan: Any, device: int, config_json: str, stale: Mapping[str, torch.Tensor], initial_fingerprint: str,
+    run: str = "", participations: int | None = None,
 ) -> RecordDict:
     """A train message for `device` from a server.RoundPlan."""
+    extra = {} if participations is None else {"participations": participations}
     content = RecordDict({
         GLOBAL: state_to_record(plan.state),
         ROUND: ConfigRecord({
@@ -106,6 +116,8 @@ def train_content(
             "probe": _settings_to_json(plan.probe),
             "config": config_json,
             "initial-fingerprint": initial_fingerprint,
+            "run": run,
+            **extra,
         }),
     })
     if stale:
@@ -130,6 +142,8 @@ def read_train_content(content: RecordDict) -> TrainOrder:
         probe=None if probe is None else ProbeSettings(**probe),
         global_values=values,
         initial_fingerprint=str(cfg["initial-fingerprint"]),
+        run=str(cfg.get("run", "")),
+        participations=int(cfg["participations"]) if "participations" in cfg else None,
     )
 
 
@@ -182,48 +196,52 @@ def read_update_content(content: RecordDict) -> DeviceUpdate:
     )
 
 
-def device_state_to_records(state: DeviceState) -> dict[str, ArrayRecord | ConfigRecord]:
+def device_state_to_records(state: DeviceState, prefix: str = STATE_PREFIX) -> dict[str, ArrayRecord | ConfigRecord]:
     """A DeviceState as records for Context.state: the personal adapter entries, each tensor
     or dict of tensors of `extra` (difficulty scores, Fisher momentum), and the scalars."""
-    records: dict[str, ArrayRecord | ConfigRecord] = {STATE_PREFIX + "personal": state_to_record(state.personal)}
+    records: dict[str, ArrayRecord | ConfigRecord] = {prefix + "personal": state_to_record(state.personal)}
     scalars: dict[str, Any] = {"participations": state.participations}
     tensors: dict[str, torch.Tensor] = {}
     for key, value in state.extra.items():
         if isinstance(value, torch.Tensor):
             tensors[key] = value
         elif isinstance(value, dict):
-            records[STATE_PREFIX + "extra." + key] = state_to_record(value)
+            records[prefix + "extra." + key] = state_to_record(value)
         elif isinstance(value, (bool, int, float, str)):
             scalars["extra." + key] = value
         else:
             raise TypeError(f"device state extra[{key!r}] of type {type(value).__name__} has no record form")
-    records[STATE_PREFIX + "tensors"] = state_to_record(tensors)
-    records[STATE_PREFIX + "scalars"] = ConfigRecord(scalars)
+    records[prefix + "tensors"] = state_to_record(tensors)
+    records[prefix + "scalars"] = ConfigRecord(scalars)
     return records
 
 
-def device_state_from_records(recorddict: RecordDict) -> DeviceState:
+def has_device_state(recorddict: RecordDict, prefix: str = STATE_PREFIX) -> bool:
+    return prefix + "scalars" in recorddict
+
+
+def device_state_from_records(recorddict: RecordDict, prefix: str = STATE_PREFIX) -> DeviceState:
     """The DeviceState stored by `device_state_to_records` (an empty one on a first round)."""
-    if STATE_PREFIX + "scalars" not in recorddict:
+    if not has_device_state(recorddict, prefix):
         return DeviceState()
-    scalars = recorddict.config_records[STATE_PREFIX + "scalars"]
+    scalars = recorddict.config_records[prefix + "scalars"]
     extra: dict[str, Any] = {k[len("extra."):]: v for k, v in scalars.items() if k.startswith("extra.")}
-    extra.update(record_to_state(recorddict.array_records[STATE_PREFIX + "tensors"]))
+    extra.update(record_to_state(recorddict.array_records[prefix + "tensors"]))
     for name, record in recorddict.array_records.items():
-        if name.startswith(STATE_PREFIX + "extra."):
-            extra[name[len(STATE_PREFIX + "extra."):]] = record_to_state(record)
+        if name.startswith(prefix + "extra."):
+            extra[name[len(prefix + "extra."):]] = record_to_state(record)
     return DeviceState(
-        personal=record_to_state(recorddict.array_records[STATE_PREFIX + "personal"]),
+        personal=record_to_state(recorddict.array_records[prefix + "personal"]),
         participations=int(scalars["participations"]),
         extra=extra,
     )
 
 
-def store_device_state(recorddict: RecordDict, state: DeviceState) -> None:
-    """Replace the DeviceState kept in `recorddict` (a node's Context.state)."""
-    for name in [n for n in recorddict if n.startswith(STATE_PREFIX)]:
+def store_device_state(recorddict: RecordDict, state: DeviceState, prefix: str = STATE_PREFIX) -> None:
+    """Replace the DeviceState kept in `recorddict` (a node's Context.state) under `prefix`."""
+    for name in [n for n in recorddict if n.startswith(prefix)]:
         del recorddict[name]
-    for name, record in device_state_to_records(state).items():
+    for name, record in device_state_to_records(state, prefix).items():
         recorddict[name] = record
 
 

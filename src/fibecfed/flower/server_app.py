@@ -18,9 +18,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fibecfed import outputs
 from fibecfed.config import RunConfig, config_to_dict, load_config
+from fibecfed.errors import ConfigError
 from fibecfed.flower import records
 from fibecfed.flower.strategy import FibecFedStrategy
-from fibecfed.simulator import prepare, write_run_outputs
+from fibecfed.simulator import CHECKPOINT, prepare, same_config, write_run_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -32,18 +33,35 @@ def run_server(grid: Grid, config: RunConfig, out: Path, timeout: float | None =
     """
     timeout = config.federation.device_timeout_s if timeout is None else timeout
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint = existing_checkpoint(config, out)
     outputs.write_json(out / "config.json", config_to_dict(config))
     prepared = prepare(config)
-    strategy = FibecFedStrategy(config, prepared, out / "metrics.jsonl", timeout=timeout)
-    strategy.connect(grid)
-    strategy.start(
-        grid,
-        initial_arrays=records.state_to_record(strategy.server.global_state),
-        num_rounds=config.federation.rounds,
-        timeout=timeout,
-        evaluate_fn=strategy.evaluate_fn,
-    )
+    strategy = FibecFedStrategy(config, prepared, out / "metrics.jsonl", timeout=timeout, checkpoint_path=out / CHECKPOINT)
+    if checkpoint is not None:
+        strategy.resume(checkpoint)
+        logger.info("resuming %s after round %d", out, strategy.offset)
+    remaining = config.federation.rounds - strategy.offset
+    if remaining > 0:
+        strategy.connect(grid)
+        strategy.start(
+            grid,
+            initial_arrays=records.state_to_record(strategy.server.global_state),
+            num_rounds=remaining,
+            timeout=timeout,
+            evaluate_fn=strategy.evaluate_fn,
+        )
     return write_run_outputs(config, out, prepared, strategy.server.global_state, strategy.server.history)
+
+
+def existing_checkpoint(config: RunConfig, out: Path) -> dict[str, Any] | None:
+    """The checkpoint of an unfinished run of the same config in `out`, to go on from (None: start)."""
+    checkpoint = outputs.load_checkpoint(out / CHECKPOINT)
+    if checkpoint is None:
+        return None
+    defaults = config_to_dict(load_config(None, [f"method={config.method.name}"]))
+    if not same_config(checkpoint["config"], config_to_dict(config), defaults):
+        raise ConfigError(f"{out} holds a run with a different config; use another out folder, or --fresh to start over")
+    return checkpoint
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> tuple[RunConfig, Path]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fibecfed import outputs
-from fibecfed.config import RunConfig
+from fibecfed.config import RunConfig, config_to_dict
 from fibecfed.errors import FibecfedError
 from fibecfed.evaluation import classification_metrics
 from fibecfed.federated import DeviceUpdate
@@ -58,8 +59,12 @@ class RoundInFlight:
 class FibecFedStrategy(Strategy):
     """Drives `Server` through a Flower Grid; one SuperNode per device."""
 
-    def __init__(self, config: RunConfig, prepared: Prepared, metrics_path: Path, timeout: float = 3600.0):
+    def __init__(
+        self, config: RunConfig, prepared: Prepared, metrics_path: Path, timeout: float = 3600.0,
+        checkpoint_path: Path | None = None,
+    ):
         self.config = config
+        self.checkpoint_path = checkpoint_path
         self.prepared = prepared
         self.metrics_path = metrics_path
         self.timeout = timeout
@@ -69,14 +74,44 @@ class FibecFedStrategy(Strategy):
         self.initial_state = prepared.runner.state()
         self.initial_fingerprint = records.state_fingerprint(self.initial_state)
         num_devices = len(prepared.train_parts)
-        settings = server_settings(config, num_devices, len(transformer_layers(prepared.runner.loaded.model)))
-        self.server = Server(settings, self.initial_state)
+        self.settings = server_settings(config, num_devices, len(transformer_layers(prepared.runner.loaded.model)))
+        self.server = Server(self.settings, self.initial_state)
         self.full_bytes = records.state_to_record(self.initial_state).count_bytes()
         self.nodes: dict[int, int] = {}  # device -> Flower node id
         # Device -> the personal keys its node holds (after its last kept update): what it lacks
         # of the non-exchanged keys, the server must send when their global value is not the initial one.
         self.held: dict[int, set[str]] = {}
+        # Device -> its updates the server kept: a node trains from its state with that count.
+        self.kept: dict[int, int] = {}
+        # The run's id, kept over a resume: the nodes' saved states belong to it.
+        self.run_id = uuid.uuid4().hex
+        # Rounds done before this ServerApp started (a resumed run): Flower counts from 1 again.
+        self.offset = 0
         self.pending: RoundInFlight | None = None
+
+    # -- Checkpoints --------------------------------------------------------------------------
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """What a restarted ServerApp needs to go on after the last finished round."""
+        return {
+            **self.server.to_checkpoint(),
+            "config": config_to_dict(self.config),
+            "runtime": "flower",
+            "run_id": self.run_id,
+            "held": {device: sorted(keys) for device, keys in self.held.items()},
+            "kept": dict(self.kept),
+        }
+
+    def resume(self, payload: Mapping[str, Any]) -> None:
+        """Go on from a `to_checkpoint` payload: the next round is payload["round"] + 1."""
+        if payload.get("runtime") != "flower":
+            raise FibecfedError("the checkpoint in this run folder was written by the in-process runtime; "
+                                "resume it with federation.runtime=inprocess, or start over with --fresh")
+        self.server = Server.from_checkpoint(self.settings, payload)
+        self.run_id = str(payload["run_id"])
+        self.held = {int(device): set(keys) for device, keys in payload["held"].items()}
+        self.kept = {int(device): int(count) for device, count in payload["kept"].items()}
+        self.offset = self.server.round
 
     # -- Nodes --------------------------------------------------------------------------------
 
@@ -146,6 +181,7 @@ class FibecFedStrategy(Strategy):
         return {k: v for k, v in state.items() if k not in skip and not torch.equal(v, self.initial_state[k])}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.offset
         pending = RoundInFlight(started=time.perf_counter())
         self.pending = pending
         request = self.server.probe_request(server_round)
@@ -155,7 +191,8 @@ class FibecFedStrategy(Strategy):
         messages = []
         for device in plan.devices:
             content = records.train_content(
-                plan, device, self.config_json, self.stale_values(device, plan.exchanged_keys), self.initial_fingerprint
+                plan, device, self.config_json, self.stale_values(device, plan.exchanged_keys), self.initial_fingerprint,
+                run=self.run_id, participations=self.kept.get(device, 0),
             )
             pending.download[device] = pending.download.get(device, 0) + records.content_bytes(content)
             pending.adapter[device] = pending.adapter.get(device, 0) + records.adapter_bytes(content)
@@ -163,6 +200,7 @@ class FibecFedStrategy(Strategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.offset
         pending = self.pending
         plan = pending.plan
         received, errors = {}, {}
@@ -194,6 +232,7 @@ class FibecFedStrategy(Strategy):
         for update in updates:
             if update.device not in result.dropped:
                 self.held[update.device] = personal_keys
+                self.kept[update.device] = self.kept.get(update.device, 0) + 1
         metrics = {"failed-devices": len(result.fields["failed_devices"])}
         if result.fields["loss"] is not None:
             metrics["loss"] = float(result.fields["loss"])
@@ -206,6 +245,7 @@ class FibecFedStrategy(Strategy):
         return self.config.federation.personalized_eval and set(plan.exchanged_keys) != set(self.server.keys)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.offset
         pending = self.pending
         if pending is None or pending.result is None or not pending.result.evaluate or not self._personal_on_nodes(pending.plan):
             return []
@@ -217,12 +257,14 @@ class FibecFedStrategy(Strategy):
                 records.ROUND: ConfigRecord({
                     "round": server_round, "device": device, "config": self.config_json,
                     "exchanged-keys": json.dumps(pending.plan.exchanged_keys),
+                    "run": self.run_id, "participations": self.kept.get(device, 0),
                 }),
             })
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE))
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.offset
         preds, labels = [], []
         for reply in replies:
             if reply.has_error():
@@ -253,7 +295,10 @@ class FibecFedStrategy(Strategy):
         return row
 
     def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Round 0: the starting point. Later: evaluate when due and write the metrics row."""
+        """Round 0: the starting point. Later: evaluate when due, write the metrics row and the
+        checkpoint (so that a restarted ServerApp goes on after this round)."""
+        if server_round == 0 and self.offset > 0:
+            return None  # a resumed run: its starting point is in the history already
         if server_round == 0:
             row = self.server.record_start(self._evaluation(None))
         else:
@@ -262,6 +307,8 @@ class FibecFedStrategy(Strategy):
             row = self.server.record_round(pending.result, evaluation, time.perf_counter() - pending.started)
             self.pending = None
         outputs.write_metrics(self.metrics_path, self.server.history)
+        if server_round > 0 and self.checkpoint_path is not None:
+            outputs.save_checkpoint(self.checkpoint_path, self.to_checkpoint())
         return MetricRecord({"accuracy": float(row["accuracy"])}) if row.get("accuracy") is not None else None
 
     def summary(self) -> None:
