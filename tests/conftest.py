@@ -100,21 +100,30 @@ def tiny_run_overrides(model_dir: Path, rounds: int = 2) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="session")
-def tiny_decoder_dir(tmp_path_factory) -> Path:
+def _save_tiny_decoder(folder: Path, tied: bool) -> Path:
     """A 4-layer Llama with hidden size 16 (and MiniLM's tokenizer, whose words are single tokens)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from fibecfed.models import resolve_model_path
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
         num_key_value_heads=1, intermediate_size=32, max_position_embeddings=128, pad_token_id=0,
-        architectures=["LlamaForCausalLM"],
+        architectures=["LlamaForCausalLM"], tie_word_embeddings=tied,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_dir(tmp_path_factory) -> Path:
+    return _save_tiny_decoder(tmp_path_factory.mktemp("tiny-llama"), tied=False)
+
+
+@pytest.fixture(scope="session")
+def tied_decoder_dir(tmp_path_factory) -> Path:
+    """The same with its LM head tied to the input embedding, as SmolLM2's."""
+    return _save_tiny_decoder(tmp_path_factory.mktemp("tiny-llama-tied"), tied=True)

@@ -22,26 +22,6 @@ from tests.conftest import tiny_run_overrides
 WORDS = ["negative", "neutral", "positive"]
 
 
-@pytest.fixture(scope="module")
-def tied_decoder_dir(tmp_path_factory) -> Path:
-    """The tiny Llama of conftest with its LM head tied to the input embedding, as SmolLM2's."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from fibecfed.models import resolve_model_path
-
-    folder = tmp_path_factory.mktemp("tiny-llama-tied")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
-        num_key_value_heads=1, intermediate_size=32, max_position_embeddings=128, pad_token_id=0,
-        architectures=["LlamaForCausalLM"], tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def _load(folder: Path, train: bool):
     return load_model(str(folder), num_labels=3, head="verbalizer", label_words=WORDS, train_label_words=train)
 
