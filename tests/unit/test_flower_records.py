@@ -85,14 +85,14 @@ def test_a_node_trains_from_the_state_the_server_counts(tmp_path):
 
     folder = tmp_path / "states"
     context = _context()
-    for count in (1, 2):
-        keep_device_state(context, folder, 0, "run-a", _state(count))
-    # In memory: the last kept round's state and the one before (a round the server did not count).
+    keep_device_state(context, folder, 0, "run-a", _state(1), start=DeviceState())
+    keep_device_state(context, folder, 0, "run-a", _state(2), start=_state(1))
+    # In memory: the last kept round's state and the one that round started from.
     assert device_state(context, folder, 0, "run-a", 2).personal["k"].tolist() == [2.0, 2.0]
     assert device_state(context, None, 0, "run-a", 1).extra == {"scored_round": 1}
     assert device_state(context, None, 0, "run-a", 0).participations == 0  # before its first round: fresh
     assert device_state(context, folder, 0, "run-a", None).participations == 2  # a server that does not say: newest
-    with pytest.raises(RuntimeError, match="after 3 rounds, but this node holds its state after \\[1, 2\\] rounds"):
+    with pytest.raises(RuntimeError, match="counts 3 kept rounds of it, but this node holds its state after \\[1, 2\\] rounds"):
         device_state(context, folder, 0, "run-a", 3)
     # A restarted node (empty Context.state) finds both on disk ...
     restarted = _context()
@@ -105,7 +105,39 @@ def test_a_node_trains_from_the_state_the_server_counts(tmp_path):
     assert device_state(restarted, folder, 0, "run-b", 0).participations == 0
     with pytest.raises(RuntimeError, match="holds its state after no rounds"):
         device_state(restarted, folder, 0, "run-b", 1)
-    # A new run on the same node starts its memory over: the old run's states are not its "before".
-    keep_device_state(context, folder, 0, "run-b", _state(1))
-    assert device_state(context, None, 0, "run-b", 0).participations == 0
-    assert device_state(context, None, 0, "run-b", 1).participations == 1
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_rounds_the_server_did_not_count_are_redone_from_their_start(tmp_path, on_disk):
+    # A slow device: its replies of rounds 2 and 3 come after the deadline (it kept them, the
+    # server did not count them), so rounds 3 and 4 start again from its state after round 1.
+    from fibecfed.flower.client_app import device_state, keep_device_state
+
+    folder = tmp_path / "states"
+    context = _context()
+    keep_device_state(context, folder, 0, "run", _state(1), start=DeviceState())  # counted: 1
+    for _ in range(2):  # two uncounted rounds in a row
+        node = _context() if on_disk else context
+        start = device_state(node, folder, 0, "run", 1)
+        assert start.participations == 1
+        keep_device_state(node, folder, 0, "run", _state(2), start=start)
+        context = node
+    assert device_state(_context() if on_disk else context, folder, 0, "run", 1).personal["k"].tolist() == [1.0, 1.0]
+
+
+def test_a_flower_run_resumes_only_its_own_checkpoint(tmp_path):
+    from fibecfed.config import config_to_dict, load_config
+    from fibecfed.errors import ConfigError
+    from fibecfed.flower.server_app import existing_checkpoint
+
+    config = load_config(None, ["method=fibecfed", "federation.runtime=flower"])
+    assert existing_checkpoint(config, tmp_path) is None  # nothing to resume: start
+    torch.save({"runtime": "flower", "config": config_to_dict(config), "round": 2}, tmp_path / "checkpoint.pt")
+    assert existing_checkpoint(config, tmp_path)["round"] == 2
+    other = load_config(None, ["method=fibecfed", "federation.runtime=flower", "federation.rounds=7"])
+    with pytest.raises(ConfigError, match="different config"):
+        existing_checkpoint(other, tmp_path)
+    inprocess = load_config(None, ["method=fibecfed"])
+    torch.save({"config": config_to_dict(inprocess), "round": 2}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ConfigError, match="in-process runtime"):
+        existing_checkpoint(config, tmp_path)

@@ -16,9 +16,9 @@ counted as download (see strategy.FibecFedStrategy).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,60 +88,64 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"node": ConfigRecord({"partition-id": partition_id(context)})}), reply_to=msg)
 
 
-def _saved_states(context: Context, folder: Path | None, device: int, run: str) -> list[DeviceState]:
-    """This device's states of run `run`, newest first: in memory (the last kept round's and the
-    one before), then on disk (`device-N.pt` and `device-N.prev.pt`), then a fresh one."""
-    states = []
+def _memory_states(context: Context, run: str) -> list[DeviceState]:
+    """This device's states of run `run` in Context.state: after its last kept round, and the one
+    that round started from."""
     tag = context.state.config_records.get(records.RUN_TAG)
-    if tag is not None and str(tag["run"]) == run:
-        for prefix in (records.STATE_PREFIX, records.PREV_PREFIX):
-            if records.has_device_state(context.state, prefix):
-                states.append(records.device_state_from_records(context.state, prefix))
-    if folder is not None:
-        for path in (folder / f"device-{device}.pt", folder / f"device-{device}.prev.pt"):
-            payload = outputs.load_checkpoint(path)
-            if payload is not None and payload.get("run") == run:
-                states.append(state_from_payload(payload))
-    return [*states, DeviceState()]
+    if tag is None or str(tag["run"]) != run:
+        return []
+    return [records.device_state_from_records(context.state, prefix)
+            for prefix in (records.STATE_PREFIX, records.PREV_PREFIX) if records.has_device_state(context.state, prefix)]
+
+
+def _disk_states(folder: Path | None, device: int, run: str) -> list[DeviceState]:
+    """The same two on disk (`device-N.pt`, `device-N.prev.pt`): they survive the node's process."""
+    if folder is None:
+        return []
+    payloads = [outputs.load_checkpoint(folder / f"device-{device}{suffix}.pt") for suffix in ("", ".prev")]
+    return [state_from_payload(p) for p in payloads if p is not None and p.get("run") == run]
 
 
 def device_state(context: Context, folder: Path | None, device: int, run: str, participations: int | None) -> DeviceState:
     """The device's state after `participations` kept rounds, as the server counts them.
 
     Usually the one in memory. After a round the server did not count (its reply came too late,
-    or the server stopped before saving the round and now resumes) it is the one before; after a
-    restart of the node or of the run, the one on disk. None (an older server): the newest.
+    or the server stopped before saving the round and now resumes) it is the one that round
+    started from; after a restart of the node or of the run, one of the two on disk; before the
+    device's first kept round, a fresh one. None (an older server): the newest.
     """
-    candidates = _saved_states(context, folder, device, run)
+    memory = _memory_states(context, run)
     if participations is None:
-        return candidates[0]
-    for state in candidates:
-        if state.participations == participations:
-            return state
-    found = sorted({s.participations for s in candidates[:-1]})
+        return (memory or _disk_states(folder, device, run) or [DeviceState()])[0]
+    if participations == 0:
+        return DeviceState()
+    for candidates in (memory, None):
+        if candidates is None:  # the disk is read only when memory has no match
+            candidates = _disk_states(folder, device, run)
+        for state in candidates:
+            if state.participations == participations:
+                return state
+    found = sorted({s.participations for s in [*memory, *_disk_states(folder, device, run)]})
     where = f"its state folder {folder}" if folder is not None else "no state folder (node config state-dir)"
     raise RuntimeError(
-        f"device {device}: the server resumes it after {participations} rounds, but this node holds its state after "
-        f"{found or 'no'} rounds and has {where}; a run resumes only with the nodes' state folders"
+        f"device {device}: the server counts {participations} kept rounds of it, but this node holds its state after "
+        f"{found or 'no'} rounds and has {where}; a resumed run needs the nodes' state folders"
     )
 
 
-def keep_device_state(context: Context, folder: Path | None, device: int, run: str, state: DeviceState) -> None:
-    """Keep the state of a round that passed the server's check, and the one before it (the
-    server may still not count the round), in memory and, with a state folder, on disk."""
-    tag = context.state.config_records.get(records.RUN_TAG)
-    if tag is not None and str(tag["run"]) == run and records.has_device_state(context.state):
-        records.store_device_state(context.state, records.device_state_from_records(context.state), records.PREV_PREFIX)
-    else:
-        records.store_device_state(context.state, DeviceState(), records.PREV_PREFIX)
+def keep_device_state(
+    context: Context, folder: Path | None, device: int, run: str, state: DeviceState, start: DeviceState
+) -> None:
+    """Keep the state after a round that passed the server's check, and `start`, the state that
+    round trained from (the server may still not count the round: then the next round starts
+    from `start` again), in memory and, with a state folder, on disk (`start` written first)."""
+    records.store_device_state(context.state, start, records.PREV_PREFIX)
     records.store_device_state(context.state, state)
     context.state[records.RUN_TAG] = ConfigRecord({"run": run})
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        latest, previous = folder / f"device-{device}.pt", folder / f"device-{device}.prev.pt"
-        if latest.is_file():
-            os.replace(latest, previous)
-        outputs.save_checkpoint(latest, {**state_to_payload(state), "run": run})
+        outputs.save_checkpoint(folder / f"device-{device}.prev.pt", {**state_to_payload(start), "run": run})
+        outputs.save_checkpoint(folder / f"device-{device}.pt", {**state_to_payload(state), "run": run})
 
 
 def _state_folder(context: Context, state_dir: str | Path | None) -> Path | None:
@@ -176,6 +180,7 @@ def train(msg: Message, context: Context, state_dir: str | Path | None = None) -
         raise faults.InjectedFault(f"device {device} hung in round {order.round_num} (injected fault)")
     folder = _state_folder(context, state_dir)
     state = device_state(context, folder, device, order.run, order.participations)
+    start = copy.deepcopy(state)  # device_round changes `state` in place
     global_values = {**data.initial_state, **order.global_values}
     update = train_device(
         data.config, data.prepared, device, order.round_num, global_values, state, data.initial_state,
@@ -188,7 +193,7 @@ def train(msg: Message, context: Context, state_dir: str | Path | None = None) -
         logger.warning("device %d: the server will reject its update of round %d (%s); its state stays as before",
                        device, order.round_num, problem.reason)
     else:
-        keep_device_state(context, folder, device, order.run, state)
+        keep_device_state(context, folder, device, order.run, state, start)
     return Message(records.update_content(update), reply_to=msg)
 
 

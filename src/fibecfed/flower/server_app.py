@@ -39,6 +39,8 @@ def run_server(grid: Grid, config: RunConfig, out: Path, timeout: float | None =
     strategy = FibecFedStrategy(config, prepared, out / "metrics.jsonl", timeout=timeout, checkpoint_path=out / CHECKPOINT)
     if checkpoint is not None:
         strategy.resume(checkpoint)
+        # metrics.jsonl may hold a row of the round the checkpoint lacks: the round is redone.
+        outputs.write_metrics(out / "metrics.jsonl", strategy.server.history)
         logger.info("resuming %s after round %d", out, strategy.offset)
     remaining = config.federation.rounds - strategy.offset
     if remaining > 0:
@@ -58,9 +60,14 @@ def existing_checkpoint(config: RunConfig, out: Path) -> dict[str, Any] | None:
     checkpoint = outputs.load_checkpoint(out / CHECKPOINT)
     if checkpoint is None:
         return None
+    if checkpoint.get("runtime") != "flower":
+        raise ConfigError(f"{out} holds a run of the in-process runtime; resume it with federation.runtime=inprocess, "
+                          "or use another out folder (or delete its checkpoint.pt to start over)")
     defaults = config_to_dict(load_config(None, [f"method={config.method.name}"]))
     if not same_config(checkpoint["config"], config_to_dict(config), defaults):
-        raise ConfigError(f"{out} holds a run with a different config; use another out folder, or --fresh to start over")
+        raise ConfigError(
+            f"{out} holds a run with a different config; use another out folder, or delete its checkpoint.pt to start over"
+        )
     return checkpoint
 
 

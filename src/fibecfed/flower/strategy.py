@@ -104,9 +104,6 @@ class FibecFedStrategy(Strategy):
 
     def resume(self, payload: Mapping[str, Any]) -> None:
         """Go on from a `to_checkpoint` payload: the next round is payload["round"] + 1."""
-        if payload.get("runtime") != "flower":
-            raise FibecfedError("the checkpoint in this run folder was written by the in-process runtime; "
-                                "resume it with federation.runtime=inprocess, or start over with --fresh")
         self.server = Server.from_checkpoint(self.settings, payload)
         self.run_id = str(payload["run_id"])
         self.held = {int(device): set(keys) for device, keys in payload["held"].items()}
