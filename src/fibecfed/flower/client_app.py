@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,13 +140,23 @@ def keep_device_state(
     """Keep the state after a round that passed the server's check, and `start`, the state that
     round trained from (the server may still not count the round: then the next round starts
     from `start` again), in memory and, with a state folder, on disk (`start` written first)."""
+    # Usually the round started from the newest kept state, whose file is on disk already: it
+    # becomes the "before" file by a rename instead of a second write.
+    tag = context.state.config_records.get(records.RUN_TAG)
+    scalars = context.state.config_records.get(records.STATE_PREFIX + "scalars")
+    started_from_latest = (tag is not None and str(tag["run"]) == run and scalars is not None
+                           and int(scalars["participations"]) == start.participations)
     records.store_device_state(context.state, start, records.PREV_PREFIX)
     records.store_device_state(context.state, state)
     context.state[records.RUN_TAG] = ConfigRecord({"run": run})
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        outputs.save_checkpoint(folder / f"device-{device}.prev.pt", {**state_to_payload(start), "run": run})
-        outputs.save_checkpoint(folder / f"device-{device}.pt", {**state_to_payload(state), "run": run})
+        latest, previous = folder / f"device-{device}.pt", folder / f"device-{device}.prev.pt"
+        if started_from_latest and latest.is_file():
+            os.replace(latest, previous)
+        else:
+            outputs.save_checkpoint(previous, {**state_to_payload(start), "run": run})
+        outputs.save_checkpoint(latest, {**state_to_payload(state), "run": run})
 
 
 def _state_folder(context: Context, state_dir: str | Path | None) -> Path | None:
