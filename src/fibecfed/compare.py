@@ -236,6 +236,15 @@ def personalized_measure(rows: Sequence[dict[str, Any]]) -> str:
     return "every device" if any("sampled_personalized_accuracy" in r for r in rows) else "sampled devices"
 
 
+def short_personalized_rounds(rows: Sequence[dict[str, Any]]) -> list[int]:
+    """Rounds whose personalised score pooled fewer devices than the run's fullest evaluation
+    (`personalized_devices`: on Flower, a node that failed or timed out its evaluation is left
+    out). Empty for runs that predate the count."""
+    counts = [(r["round"], r["personalized_devices"]) for r in rows if r.get("personalized_devices") is not None]
+    most = max((n for _, n in counts), default=0)
+    return [round_num for round_num, n in counts if n < most]
+
+
 def round_breakdown(rows: Sequence[dict[str, Any]], bandwidth_mbps: float) -> dict[str, float]:
     """Where a round's simulated time goes, mean over the run's rounds (round 0 excluded).
 
@@ -806,6 +815,14 @@ def compare(
             "; note: these runs predate the every-device score, so their personalised score covers only the devices "
             "sampled in each round"
         )
+    short = {
+        f"{label} seed {seed}": rounds
+        for label, seed_rows in runs.items() for seed, rows in zip(seeds, seed_rows)
+        if (rounds := short_personalized_rounds(rows))
+    }
+    if short:
+        personalized_note += "; note: in some rounds the personalised score pooled fewer devices than in the run's other rounds (devices that failed their evaluation): " + ", ".join(
+            f"{run} rounds {', '.join(map(str, rounds))}" for run, rounds in short.items())
     bandwidths = {m.label: configs[(m.label, seeds[0])].federation.bandwidth_mbps for m in methods}
     sweep_mbps = sorted(set(sweep_mbps))
     table = summarise(runs, target, reference, bandwidths, personalized_target, sweep_mbps)

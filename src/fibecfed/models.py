@@ -13,8 +13,10 @@ import difflib
 import importlib.util
 import logging
 import os
+import shutil
 import socket
 import urllib.parse
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,10 +102,28 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
         model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: a killed conversion never leaves a half-written cache
+    # A folder of this process's own: two runs converting at once (two runs started together on
+    # a fresh machine) must not write into one folder.
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        publish_folder(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_folder(tmp: Path, target: Path) -> None:
+    """Move a finished `tmp` folder to `target` atomically, so a killed conversion never leaves a
+    half-written cache. If another process published `target` first, its folder is kept and
+    `tmp` is dropped: both converted the same file."""
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        logger.info("%s was converted by another process meanwhile; using it", target)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_model_path(name: str, cache_dir: str | None = None) -> str:

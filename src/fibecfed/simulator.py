@@ -231,7 +231,8 @@ def personalized_metrics(
     num_classes: int,
 ) -> dict[str, float]:
     """Every device's own model (its personal entries over the global state) on its own test
-    indices, the predictions of all devices pooled into one accuracy / f1 / mcc.
+    indices, the predictions of all devices pooled into one accuracy / f1 / mcc, and `devices`:
+    how many devices' test parts were pooled (those with a non-empty part).
 
     `personal`: a dict, or (device, entries) pairs in device order, consumed one at a time (a
     DeviceStore streams them from disk). A device that never trained, or a method without
@@ -259,9 +260,11 @@ def personalized_metrics(
         labels.append(test.labels[shared])
     preds += own_preds
     labels += own_labels
+    devices = sum(1 for part in device_indices if part)
     if not preds:
-        return {"accuracy": None, "f1": None, "mcc": None}
-    return classification_metrics(torch.cat(preds), torch.as_tensor(torch.cat([torch.as_tensor(x) for x in labels])), num_classes)
+        return {"accuracy": None, "f1": None, "mcc": None, "devices": 0}
+    pooled = classification_metrics(torch.cat(preds), torch.as_tensor(torch.cat([torch.as_tensor(x) for x in labels])), num_classes)
+    return {**pooled, "devices": devices}
 
 
 def compute_clock_of(config: RunConfig, prepared: Prepared) -> Callable[[], float]:

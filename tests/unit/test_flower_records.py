@@ -141,3 +141,30 @@ def test_a_flower_run_resumes_only_its_own_checkpoint(tmp_path):
     torch.save({"config": config_to_dict(inprocess), "round": 2}, tmp_path / "checkpoint.pt")
     with pytest.raises(ConfigError, match="in-process runtime"):
         existing_checkpoint(config, tmp_path)
+
+
+def test_the_pooled_personalised_score_counts_the_devices_that_replied():
+    """Device 0 got 2 of 3 right, device 1 (with an empty test part) sent nothing to pool, device
+    2 got 1 of 1: pooled accuracy 3/4 over 2 devices. No reply with predictions: no score at all."""
+    from fibecfed.flower.strategy import pool_predictions
+
+    preds = [torch.tensor([1, 0, 1]), torch.zeros(0, dtype=torch.long), torch.tensor([0])]
+    labels = [torch.tensor([1, 0, 0]), torch.zeros(0, dtype=torch.long), torch.tensor([0])]
+    row = pool_predictions(preds, labels, 2)
+    assert row["personalized_accuracy"] == pytest.approx(0.75)
+    assert row["personalized_devices"] == 2
+    assert pool_predictions([], [], 2) == {"personalized_accuracy": None, "personalized_f1": None,
+                                           "personalized_mcc": None, "personalized_devices": 0}
+
+
+def test_compare_names_the_rounds_whose_personalised_score_pooled_fewer_devices():
+    from fibecfed.compare import short_personalized_rounds
+
+    rows = [
+        {"round": 0, "personalized_devices": 10},
+        {"round": 1, "personalized_devices": 10},
+        {"round": 2, "personalized_devices": 8},  # two nodes failed their evaluation
+        {"round": 3, "personalized_accuracy": None},  # not evaluated
+    ]
+    assert short_personalized_rounds(rows) == [2]
+    assert short_personalized_rounds([{"round": 1, "personalized_accuracy": 0.5}]) == []  # older runs

@@ -126,3 +126,29 @@ def test_trainable_label_words_need_the_verbalizer(tiny_encoder_dir: Path, tiny_
     with pytest.raises(ModelError, match=r"has a classifier head"):
         check_model(str(tiny_decoder_dir), "classifier", "auto", train_label_words=True)
     check_model(str(tiny_decoder_dir), "auto", "auto", train_label_words=True)
+
+
+def _converted(folder: Path, marker: str) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_text(marker)
+    return folder
+
+
+def test_two_conversions_racing_for_the_model_cache_both_succeed(tmp_path):
+    """Two runs started together on a fresh machine both convert the packaged decoder; the one
+    that publishes second keeps the first one's folder and drops its own (before: OSError,
+    directory not empty, and the run died)."""
+    target = tmp_path / "SmolLM2"
+    models.publish_folder(_converted(tmp_path / "a.tmp", "first"), target)
+    models.publish_folder(_converted(tmp_path / "b.tmp", "second"), target)
+    assert (target / "model.safetensors").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SmolLM2"]
+
+
+def test_a_cache_folder_in_the_way_that_is_not_a_model_is_not_hidden(tmp_path):
+    target = tmp_path / "SmolLM2"
+    target.mkdir()
+    (target / "stray.txt").write_text("not a model")
+    with pytest.raises(OSError):
+        models.publish_folder(_converted(tmp_path / "a.tmp", "first"), target)

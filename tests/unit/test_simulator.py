@@ -262,7 +262,11 @@ def test_personalized_evaluation_pools_every_devices_own_model(tiny_encoder_dir)
         labels_all.append(labels)
     pooled = personalized_metrics(runner, test, parts, global_state, personal, 4, 3)
     assert pooled["accuracy"] == pytest.approx(correct / total)
-    assert pooled == pytest.approx(classification_metrics(torch.cat(preds_all), torch.cat(labels_all), 3))
+    assert {k: v for k, v in pooled.items() if k != "devices"} == pytest.approx(
+        classification_metrics(torch.cat(preds_all), torch.cat(labels_all), 3))
+    assert pooled["devices"] == 3  # how many devices' test parts went into the pool
+    # A device with no test part adds nothing to the pool and is not counted.
+    assert personalized_metrics(runner, test, [[0, 1], [], [2]], global_state, personal, 4, 3)["devices"] == 2
     # The runner is left with the global state.
     assert all(torch.equal(v, global_state[k]) for k, v in runner.state().items())
 

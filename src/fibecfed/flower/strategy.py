@@ -54,6 +54,7 @@ class RoundInFlight:
     adapter: dict[int, int] = field(default_factory=dict)  # bytes of adapter entries in those, both ways
     result: RoundResult | None = None
     personalized: dict[str, Any] | None = None  # pooled metrics from the nodes
+    evaluate_sent: list[int] = field(default_factory=list)  # devices asked for a personalised evaluation
 
 
 class FibecFedStrategy(Strategy):
@@ -258,22 +259,35 @@ class FibecFedStrategy(Strategy):
                 }),
             })
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE))
+        pending.evaluate_sent = sorted(self.nodes)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Pool the replies' predictions. A device whose node failed or did not answer in time is
+        left out, with a warning; the row's `personalized_devices` says how many were pooled, so
+        a score over fewer devices is never mistaken for the full one."""
         server_round += self.offset
-        preds, labels = [], []
+        if self.pending is None or not self.pending.evaluate_sent:
+            return None  # nothing was asked: the server scores the devices' test parts itself
+        preds, labels, answered = [], [], set()
         for reply in replies:
+            device = self._device_of(reply)
             if reply.has_error():
-                logger.warning("device %d failed its evaluation in round %d: %s", self._device_of(reply), server_round, reply.error.reason)
+                logger.warning("device %d failed its evaluation in round %d: %s", device, server_round, reply.error.reason)
                 continue
-            p, y = records.read_predictions(reply.content)
+            try:
+                p, y = records.read_predictions(reply.content)
+            except (KeyError, TypeError, ValueError) as exc:
+                logger.warning("device %d sent a malformed evaluation in round %d (%s: %s)", device, server_round, type(exc).__name__, exc)
+                continue
+            answered.add(device)
             preds.append(p)
             labels.append(y)
-        if not preds:
-            return None
-        pooled = classification_metrics(torch.cat(preds), torch.cat(labels), self.num_classes)
-        self.pending.personalized = {f"personalized_{k}": v for k, v in pooled.items()}
+        missing = [d for d in self.pending.evaluate_sent if d not in answered]
+        if missing:
+            logger.warning("round %d: the personalised score pools %d of %d devices; no evaluation from devices %s",
+                           server_round, len(answered), len(self.pending.evaluate_sent), missing)
+        self.pending.personalized = pool_predictions(preds, labels, self.num_classes)
         return MetricRecord({k: float(v) for k, v in self.pending.personalized.items() if v is not None})
 
     def _evaluation(self, personalized: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -311,6 +325,18 @@ class FibecFedStrategy(Strategy):
     def summary(self) -> None:
         logger.info("fibecfed %s: %d devices, %d per round", self.config.method.name,
                     len(self.prepared.train_parts), self.config.federation.devices_per_round)
+
+
+def pool_predictions(preds: list[torch.Tensor], labels: list[torch.Tensor], num_classes: int) -> dict[str, Any]:
+    """The personalised row fields from the devices' replies (one (n_d,) prediction and label
+    tensor each): the pooled accuracy / f1 / mcc, and `personalized_devices`, how many devices
+    with a non-empty test part were pooled (as the in-process runtime counts them). No reply with
+    a prediction: no score (None), never the global model's in its place."""
+    devices = sum(1 for p in preds if len(p))
+    pooled: dict[str, Any] = {"accuracy": None, "f1": None, "mcc": None}
+    if devices:
+        pooled = classification_metrics(torch.cat(preds), torch.cat(labels), num_classes)
+    return {f"personalized_{k}": v for k, v in {**pooled, "devices": devices}.items()}
 
 
 def read_reply(content: RecordDict, device: int, round_num: int) -> DeviceUpdate | None:
