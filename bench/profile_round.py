@@ -100,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         device_round(runner, device, 2, config.seed, initial, trained, train, idx, settings,
                      exchanged_keys=exchanged, curriculum=curriculum, sparse=sparse, initial_state=initial)
         sparse_on = dataclasses.replace(sparse, every=1)
-        sparse_off = dataclasses.replace(sparse, every=2)
-        # Rounds 15 and 7 with every=1 train the personal layers; with every=2 they are frozen.
+        # A round trains the personal layers when round % every == 0 (federated.device_round):
+        # every=1 always does, an `every` above the run's rounds never does. (every=2, used here
+        # before, froze them only in odd rounds: right for the bench preset's rounds 15 and 7,
+        # wrong for the decoder preset's round 10.)
+        sparse_off = dataclasses.replace(sparse, every=full + 1)
         odd = even = trained
 
         def run(round_num, state, sp, keys=exchanged, cur=curriculum):

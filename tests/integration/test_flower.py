@@ -103,15 +103,21 @@ def test_flower_simulation_matches_inprocess(tiny_encoder_dir, tmp_path, method,
     assert summary["final_accuracy"] == rows_b[-1]["accuracy"]
 
 
-def _client_app_failing_in_round_one(failing_device: int):
-    """fibecfed's ClientApp, except that one node raises in round 1 (a real failure on a real node)."""
+def _client_app_failing_in_round_one(failing_device: int, failing_evaluation: int | None = None):
+    """fibecfed's ClientApp, except that one node raises in round 1's training (a real failure
+    on a real node), and another, if given, in round 2's evaluation."""
     from flwr.clientapp import ClientApp
 
     from fibecfed.flower import client_app
 
     app = ClientApp()
     app.query()(client_app.identify)
-    app.evaluate()(client_app.evaluate)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        if client_app.partition_id(context) == failing_evaluation and msg.content.config_records["round"]["round"] == 2:
+            raise RuntimeError("this node breaks down in round 2's evaluation")
+        return client_app.evaluate(msg, context)
 
     @app.train()
     def train(msg, context):
@@ -127,10 +133,14 @@ def test_a_failing_node_is_counted_and_the_run_completes(tiny_encoder_dir, tmp_p
 
     overrides = tiny_run_overrides(tiny_encoder_dir, rounds=2) + ["partition.num_devices=2", "method=fibecfed"]
     config = load_config(None, overrides + ["federation.runtime=flower"])
-    summary = run_flower_simulation(config, tmp_path, client_app=_client_app_failing_in_round_one(0))
+    summary = run_flower_simulation(config, tmp_path, client_app=_client_app_failing_in_round_one(0, failing_evaluation=1))
     rows = _rows(tmp_path / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[1]["failed_devices"] == [0] and rows[2]["failed_devices"] == []
+    # Device 1's node failed round 2's evaluation: that round's personalised score pools device 0
+    # alone, and says so (round 1 pooled both).
+    assert rows[1]["personalized_devices"] == 2 and rows[1]["personalized_accuracy"] is not None
+    assert rows[2]["personalized_devices"] == 1 and rows[2]["personalized_accuracy"] is not None
     # The failed device downloaded but sent nothing: one upload in round 1, two in round 2.
     assert len(rows[1]["device_costs"]) == 1 and len(rows[2]["device_costs"]) == 2
     assert rows[1]["download_bytes"] > 0 and rows[2]["accuracy"] is not None
