@@ -102,6 +102,7 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
         model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    remove_stale_conversions(target)
     # A folder of this process's own: two runs converting at once (two runs started together on
     # a fresh machine) must not write into one folder.
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -111,6 +112,27 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
         publish_folder(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_conversions(target: Path) -> None:
+    """Remove the tmp folders of conversions killed before they finished (a full fp32 model
+    each): `<target>.tmp-<pid>-<hex>` of a process that is gone, and the `<target>.tmp` of older
+    versions."""
+    for folder in target.parent.glob(target.name + ".tmp*"):
+        pid = folder.name[len(target.name) + len(".tmp-"):].split("-")[0]
+        if folder.name == target.name + ".tmp" or (pid.isdigit() and not _pid_alive(int(pid))):
+            logger.info("removing %s, left by a conversion that did not finish", folder)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def publish_folder(tmp: Path, target: Path) -> None:

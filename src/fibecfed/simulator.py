@@ -229,7 +229,7 @@ def personalized_metrics(
     personal: Mapping[int, dict[str, torch.Tensor]] | Iterable[tuple[int, dict[str, torch.Tensor]]],
     batch_size: int,
     num_classes: int,
-) -> dict[str, float]:
+) -> dict[str, float | int | None]:
     """Every device's own model (its personal entries over the global state) on its own test
     indices, the predictions of all devices pooled into one accuracy / f1 / mcc, and `devices`:
     how many devices' test parts were pooled (those with a non-empty part).

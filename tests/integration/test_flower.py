@@ -89,7 +89,8 @@ def test_flower_simulation_matches_inprocess(tiny_encoder_dir, tmp_path, method,
         layers = [set(r["aggregated_layers"] or []) for r in rows_b[2:]]
         assert any(before - after for before, after in zip(layers, layers[1:])), "no layer left the aggregated ones"
     for a, b in zip(rows_a, rows_b):
-        for key in ("devices", "failed_devices", "aggregated_layers", "curriculum_fraction", "trained_personal"):
+        for key in ("devices", "failed_devices", "aggregated_layers", "curriculum_fraction", "trained_personal",
+                    "personalized_devices"):
             assert a.get(key) == b.get(key), key
         for key in ("accuracy", "personalized_accuracy", "sampled_personalized_accuracy", "loss", "layer_scores"):
             assert a.get(key) == pytest.approx(b.get(key), abs=1e-6), key
@@ -103,10 +104,11 @@ def test_flower_simulation_matches_inprocess(tiny_encoder_dir, tmp_path, method,
     assert summary["final_accuracy"] == rows_b[-1]["accuracy"]
 
 
-def _client_app_failing_in_round_one(failing_device: int, failing_evaluation: int | None = None, state_dir=None):
+def _client_app_failing_in_round_one(failing_device: int, failing_evaluation: int | None = None, state_dir=None,
+                                     failing_round: int = 1):
     """fibecfed's ClientApp (nodes saving their states in `state_dir`, if given), except that one
-    node raises in round 1's training (a real failure on a real node), and another, if given, in
-    round 2's evaluation."""
+    node raises in round 1's training (or `failing_round`'s; a real failure on a real node,
+    before it trains), and another, if given, in round 2's evaluation."""
     from flwr.clientapp import ClientApp
 
     from fibecfed.flower import client_app
@@ -122,8 +124,8 @@ def _client_app_failing_in_round_one(failing_device: int, failing_evaluation: in
 
     @app.train()
     def train(msg, context):
-        if client_app.partition_id(context) == failing_device and msg.content.config_records["round"]["round"] == 1:
-            raise RuntimeError("this node breaks down in round 1")
+        if client_app.partition_id(context) == failing_device and msg.content.config_records["round"]["round"] == failing_round:
+            raise RuntimeError(f"this node breaks down in round {failing_round}")
         return client_app.train(msg, context, state_dir)
 
     return app
@@ -148,13 +150,16 @@ def test_a_failing_node_is_counted_and_the_run_completes(tiny_encoder_dir, tmp_p
     assert summary["rounds"] == 2
 
 
-def _client_app_losing_its_reply_in_round_one(device: int, state_dir):
-    """fibecfed's ClientApp, except that one node trains round 1 and keeps its state as usual,
-    and then its reply is lost (it raises after the round): the server counts no update from it,
-    the way a reply that comes after the deadline counts none."""
+def _client_app_losing_its_reply(device: int, round_num: int, state_dir):
+    """fibecfed's ClientApp, except that one node trains `round_num` and keeps its state as usual,
+    and its reply then speaks for another device, so the server counts no update from it: to the
+    node, the round the server did not count, as with a reply that came after the deadline."""
+    import dataclasses
+
+    from flwr.app import Message
     from flwr.clientapp import ClientApp
 
-    from fibecfed.flower import client_app
+    from fibecfed.flower import client_app, records
 
     app = ClientApp()
     app.query()(client_app.identify)
@@ -166,35 +171,36 @@ def _client_app_losing_its_reply_in_round_one(device: int, state_dir):
     @app.train()
     def train(msg, context):
         reply = client_app.train(msg, context, state_dir)
-        if client_app.partition_id(context) == device and msg.content.config_records["round"]["round"] == 1:
-            raise RuntimeError("the reply of round 1 is lost on the way")
+        if client_app.partition_id(context) == device and msg.content.config_records["round"]["round"] == round_num:
+            update = records.read_update_content(reply.content)
+            return Message(records.update_content(dataclasses.replace(update, device=device + 1)), reply_to=msg)
         return reply
 
     return app
 
 
 def test_a_round_the_server_did_not_count_is_redone_from_its_start_on_the_node(tiny_encoder_dir, tmp_path):
-    """Device 0's node trains round 1 and keeps the result, but the server never gets it (a late
-    or lost reply): in round 2 the node must train from the state round 1 started from, as if
-    round 1 had failed on it before training. Against a run where that node raised before
-    training: the same round 2 and the same final states of both devices, on disk."""
+    """Device 0's node trains round 2 and keeps the result beside round 1's, but the server
+    drops its reply: in round 3 the node must train from round 1's state (the one round 2
+    started from), as if round 2 had failed on it before training. Against a run where that
+    node raised in round 2 before training: the same rounds and the same final states of both
+    devices, on disk."""
     from fibecfed.flower.simulation import run_flower_simulation
 
-    overrides = tiny_run_overrides(tiny_encoder_dir, rounds=2) + ["partition.num_devices=2", "method=fibecfed"]
+    overrides = tiny_run_overrides(tiny_encoder_dir, rounds=3) + ["partition.num_devices=2", "method=fibecfed"]
     config = load_config(None, overrides + ["federation.runtime=flower"])
-    run_flower_simulation(config, tmp_path / "failed",
-                          client_app=_client_app_failing_in_round_one(0, state_dir=tmp_path / "failed-states"))
-    run_flower_simulation(config, tmp_path / "lost",
-                          client_app=_client_app_losing_its_reply_in_round_one(0, tmp_path / "lost-states"))
+    run_flower_simulation(config, tmp_path / "failed", client_app=_client_app_failing_in_round_one(
+        0, state_dir=tmp_path / "failed-states", failing_round=2))
+    run_flower_simulation(config, tmp_path / "lost", client_app=_client_app_losing_its_reply(0, 2, tmp_path / "lost-states"))
     failed, lost = _rows(tmp_path / "failed" / "metrics.jsonl"), _rows(tmp_path / "lost" / "metrics.jsonl")
-    assert failed[1]["failed_devices"] == lost[1]["failed_devices"] == [0]
+    assert failed[2]["failed_devices"] == lost[2]["failed_devices"] == [0]
     for row_failed, row_lost in zip(failed, lost):
         for key in ("accuracy", "loss", "personalized_accuracy", "personalized_devices"):
             assert row_failed.get(key) == pytest.approx(row_lost.get(key), abs=1e-6), (row_failed["round"], key)
     for device in (0, 1):
         a = torch.load(tmp_path / "failed-states" / f"device-{device}.pt", weights_only=False)
         b = torch.load(tmp_path / "lost-states" / f"device-{device}.pt", weights_only=False)
-        assert a["participations"] == b["participations"] == (1 if device == 0 else 2)
+        assert a["participations"] == b["participations"] == (2 if device == 0 else 3)
         _assert_close(a["personal"], b["personal"], f"device {device} personal")
 
 

@@ -152,3 +152,17 @@ def test_a_cache_folder_in_the_way_that_is_not_a_model_is_not_hidden(tmp_path):
     (target / "stray.txt").write_text("not a model")
     with pytest.raises(OSError):
         models.publish_folder(_converted(tmp_path / "a.tmp", "first"), target)
+
+
+def test_the_tmp_folders_of_killed_conversions_are_removed_and_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    target = tmp_path / "SmolLM2"
+    dead = _converted(tmp_path / f"SmolLM2.tmp-{int(gone.stdout)}-abcd1234", "killed")
+    old_style = _converted(tmp_path / "SmolLM2.tmp", "older fibecfed")
+    live = _converted(tmp_path / f"SmolLM2.tmp-{os.getpid()}-abcd1234", "converting now")
+    models.remove_stale_conversions(target)
+    assert not dead.exists() and not old_style.exists() and live.exists()

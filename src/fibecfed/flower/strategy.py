@@ -141,8 +141,16 @@ class FibecFedStrategy(Strategy):
             raise missing_nodes_error(missing, num_devices)
         logger.info("devices on nodes: %s", self.nodes)
 
-    def _device_of(self, reply: Message) -> int:
-        return {n: d for d, n in self.nodes.items()}[reply.metadata.src_node_id]
+    def _device_of(self, reply: Message) -> int | None:
+        """The device whose node sent `reply`; None (logged) for any other sender: the SuperLink
+        itself answers with an error for a node that went offline or a message that expired, and
+        the device then counts as one that did not answer in time."""
+        device = {n: d for d, n in self.nodes.items()}.get(reply.metadata.src_node_id)
+        if device is None:
+            reason = reply.error.reason if reply.has_error() else "no error"
+            logger.warning("a reply from node %s, which holds no device of this run, is left out (%s)",
+                           reply.metadata.src_node_id, reason)
+        return device
 
     # -- Training -----------------------------------------------------------------------------
 
@@ -162,6 +170,8 @@ class FibecFedStrategy(Strategy):
         probes = {}
         for reply in grid.send_and_receive(messages, timeout=self.timeout):
             device = self._device_of(reply)
+            if device is None:
+                continue
             if reply.has_error():
                 logger.warning("device %d failed its probe in round %d: %s", device, request.round_num, reply.error.reason)
                 continue
@@ -204,6 +214,8 @@ class FibecFedStrategy(Strategy):
         received, errors = {}, {}
         for reply in replies:
             device = self._device_of(reply)
+            if device is None:
+                continue
             if reply.has_error():
                 logger.warning("device %d failed in round %d: %s", device, server_round, reply.error.reason)
                 errors[device] = "error"
@@ -272,11 +284,15 @@ class FibecFedStrategy(Strategy):
         preds, labels, answered = [], [], set()
         for reply in replies:
             device = self._device_of(reply)
+            if device is None:
+                continue
             if reply.has_error():
                 logger.warning("device %d failed its evaluation in round %d: %s", device, server_round, reply.error.reason)
                 continue
             try:
                 p, y = records.read_predictions(reply.content)
+                if p.dim() != 1 or p.shape != y.shape or (len(p) and not (0 <= int(p.min()) and int(p.max()) < self.num_classes)):
+                    raise ValueError(f"predictions {tuple(p.shape)} and labels {tuple(y.shape)} do not match, or a class is out of range")
             except (KeyError, TypeError, ValueError) as exc:
                 logger.warning("device %d sent a malformed evaluation in round %d (%s: %s)", device, server_round, type(exc).__name__, exc)
                 continue
@@ -285,8 +301,8 @@ class FibecFedStrategy(Strategy):
             labels.append(y)
         missing = [d for d in self.pending.evaluate_sent if d not in answered]
         if missing:
-            logger.warning("round %d: the personalised score pools %d of %d devices; no evaluation from devices %s",
-                           server_round, len(answered), len(self.pending.evaluate_sent), missing)
+            logger.warning("round %d: the personalised score leaves out devices %s (no evaluation from their nodes)",
+                           server_round, missing)
         self.pending.personalized = pool_predictions(preds, labels, self.num_classes)
         return MetricRecord({k: float(v) for k, v in self.pending.personalized.items() if v is not None})
 
