@@ -776,8 +776,10 @@ def compare(
                 preflight(run_config)
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[list[dict[str, Any]]]] = {m.label: [] for m in methods}
-    for m in methods:
-        for seed in seeds:
+    # Seed by seed, every method in turn: on a shared machine a slow spell then slows the runs
+    # of one seed of every method alike, not all the seeds of one method (the paired ratios).
+    for seed in seeds:
+        for m in methods:
             run_dir = out / _folder_name(m.label) / f"seed{seed}"
             logger.info("running %s, seed %d -> %s", m.label, seed, run_dir)
             if progress:

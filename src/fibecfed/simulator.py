@@ -529,6 +529,7 @@ def write_run_outputs(
     runner.loaded.model.save_pretrained(adapter_dir)
     runner.loaded.tokenizer.save_pretrained(adapter_dir)
     evaluated = [r for r in history if r.get("accuracy") is not None]
+    personal = [r for r in history if r.get("personalized_accuracy") is not None]
     labels = prepared.task.test.labels
     majority = max(labels.count(c) for c in set(labels)) / len(labels) if labels else None
     last = history[-1]
@@ -546,8 +547,11 @@ def write_run_outputs(
         "final_f1": evaluated[-1].get("f1") if evaluated else None,
         "final_mcc": evaluated[-1].get("mcc") if evaluated else None,
         "headline_metric": prepared.task.metric,
-        # Every device's own model on its own test part, pooled, at the last evaluation.
-        "final_personalized_accuracy": evaluated[-1].get("personalized_accuracy") if evaluated else None,
+        # Every device's own model on its own test part, pooled, at the last evaluation that got
+        # any device's answer (on Flower a round's evaluation can get none), and that round: the
+        # same score `compare` reports as the final personalised one.
+        "final_personalized_accuracy": personal[-1]["personalized_accuracy"] if personal else None,
+        "final_personalized_round": personal[-1]["round"] if personal else None,
         "final_sampled_personalized_accuracy": last.get("sampled_personalized_accuracy"),
         "wall_time_s": last["wall_time_s"],
         "sim_time_s": last["sim_time_s"],

@@ -41,13 +41,13 @@ REFRESH = ["method.layers.refresh_every=1", "method.layers.share=0.5"]
 FEDADAM = ["federation.server_opt.kind=adam", "federation.server_opt.lr=0.01"]
 
 
-@pytest.mark.parametrize(("method", "extra", "rounds"), [
-    ("fedavg", [], 2), ("fibecfed", [], 2), ("fibecfed", REFRESH, 4), ("fibecfed", FEDADAM, 3),
-], ids=["fedavg", "fibecfed", "fibecfed-layers-leave", "fibecfed-fedadam"])
-def test_flower_simulation_matches_inprocess(tiny_encoder_dir, tmp_path, method, extra, rounds):
+# FibecFed with the server's plain average: the "layers-leave" case. FedAvg against the
+# in-process run: test_cli_runs_fedavg_on_flower_as_inprocess (through the CLI).
+@pytest.mark.parametrize(("extra", "rounds"), [(REFRESH, 4), (FEDADAM, 3)], ids=["fibecfed-layers-leave", "fibecfed-fedadam"])
+def test_flower_simulation_matches_inprocess(tiny_encoder_dir, tmp_path, extra, rounds):
     from fibecfed.flower.simulation import run_flower_simulation
 
-    overrides = tiny_run_overrides(tiny_encoder_dir, rounds) + ["partition.num_devices=2", f"method={method}", *extra]
+    overrides = tiny_run_overrides(tiny_encoder_dir, rounds) + ["partition.num_devices=2", "method=fibecfed", *extra]
     Simulation(load_config(None, overrides), tmp_path / "inprocess").run()
     flower_config = load_config(None, overrides + ["federation.runtime=flower"])
     summary = run_flower_simulation(flower_config, tmp_path / "flower", state_dir=tmp_path / "node-states")
@@ -73,8 +73,7 @@ def test_flower_simulation_matches_inprocess(tiny_encoder_dir, tmp_path, method,
                 _assert_close(value, node["extra"][key], f"device {device} extra {key}")
             else:
                 assert node["extra"][key] == value
-    if method == "fibecfed":
-        assert checkpoint["device_states"][0]["personal"]  # layers that are not aggregated stay on the device
+    assert checkpoint["device_states"][0]["personal"]  # layers that are not aggregated stay on the device
     if extra == FEDADAM:
         # Adam did run (in-process; the Flower run's adapter matches it): the head's moments and
         # step count, and the chosen layer's after its first Adam step in round 3.
@@ -82,12 +81,19 @@ def test_flower_simulation_matches_inprocess(tiny_encoder_dir, tmp_path, method,
         assert any(key.startswith("t/") and float(value) == 3 for key, value in moments.items())
         assert any(key.startswith("t/") and float(value) == 1 for key, value in moments.items())
 
-    # The same metrics, bytes aside (measured on Flower's messages, which also carry the round's settings).
-    rows_a, rows_b = _rows(tmp_path / "inprocess" / "metrics.jsonl"), _rows(tmp_path / "flower" / "metrics.jsonl")
-    assert [r["round"] for r in rows_b] == list(range(rounds + 1))
+    rows_b = _assert_same_rows(tmp_path / "inprocess", tmp_path / "flower", rounds)
     if extra == REFRESH:
         layers = [set(r["aggregated_layers"] or []) for r in rows_b[2:]]
         assert any(before - after for before, after in zip(layers, layers[1:])), "no layer left the aggregated ones"
+    assert rows_b[-1]["bytes_saved_vs_fedavg"] > 0
+    assert summary["final_accuracy"] == rows_b[-1]["accuracy"]
+
+
+def _assert_same_rows(inprocess, flower, rounds):
+    """The same metrics rows in both runtimes, bytes aside (measured on Flower's messages, which
+    also carry the round's settings), and the Flower run's files; returns the Flower rows."""
+    rows_a, rows_b = _rows(inprocess / "metrics.jsonl"), _rows(flower / "metrics.jsonl")
+    assert [r["round"] for r in rows_b] == list(range(rounds + 1))
     for a, b in zip(rows_a, rows_b):
         for key in ("devices", "failed_devices", "aggregated_layers", "curriculum_fraction", "trained_personal",
                     "personalized_devices"):
@@ -98,62 +104,19 @@ def test_flower_simulation_matches_inprocess(tiny_encoder_dir, tmp_path, method,
         # Per device: the adapter entries exchanged plus a few kB of settings (config JSON, keys).
         for (_, down_a, up_a, _), (_, down_b, up_b, _) in zip(a["device_costs"], b["device_costs"]):
             assert abs(down_b - down_a) <= 20_000 and abs(up_b - up_a) <= 10_000
-    assert rows_b[-1]["bytes_saved_vs_fedavg"] == 0 if method == "fedavg" else rows_b[-1]["bytes_saved_vs_fedavg"] > 0
     for name in ("config.json", "summary.json", "accuracy.png", "adapter/adapter_model.safetensors"):
-        assert (tmp_path / "flower" / name).is_file(), name
-    assert summary["final_accuracy"] == rows_b[-1]["accuracy"]
+        assert (flower / name).is_file(), name
+    return rows_b
 
 
-def _client_app_failing_in_round_one(failing_device: int, failing_evaluation: int | None = None, state_dir=None,
-                                     failing_round: int = 1):
-    """fibecfed's ClientApp (nodes saving their states in `state_dir`, if given), except that one
-    node raises in round 1's training (or `failing_round`'s; a real failure on a real node,
-    before it trains), and another, if given, in round 2's evaluation."""
-    from flwr.clientapp import ClientApp
-
-    from fibecfed.flower import client_app
-
-    app = ClientApp()
-    app.query()(client_app.identify)
-
-    @app.evaluate()
-    def evaluate(msg, context):
-        if client_app.partition_id(context) == failing_evaluation and msg.content.config_records["round"]["round"] == 2:
-            raise RuntimeError("this node breaks down in round 2's evaluation")
-        return client_app.evaluate(msg, context, state_dir)
-
-    @app.train()
-    def train(msg, context):
-        if client_app.partition_id(context) == failing_device and msg.content.config_records["round"]["round"] == failing_round:
-            raise RuntimeError(f"this node breaks down in round {failing_round}")
-        return client_app.train(msg, context, state_dir)
-
-    return app
-
-
-def test_a_failing_node_is_counted_and_the_run_completes(tiny_encoder_dir, tmp_path):
-    from fibecfed.flower.simulation import run_flower_simulation
-
-    overrides = tiny_run_overrides(tiny_encoder_dir, rounds=2) + ["partition.num_devices=2", "method=fibecfed"]
-    config = load_config(None, overrides + ["federation.runtime=flower"])
-    summary = run_flower_simulation(config, tmp_path, client_app=_client_app_failing_in_round_one(0, failing_evaluation=1))
-    rows = _rows(tmp_path / "metrics.jsonl")
-    assert [r["round"] for r in rows] == [0, 1, 2]
-    assert rows[1]["failed_devices"] == [0] and rows[2]["failed_devices"] == []
-    # Device 1's node failed round 2's evaluation: that round's personalised score pools device 0
-    # alone, and says so (round 1 pooled both).
-    assert rows[1]["personalized_devices"] == 2 and rows[1]["personalized_accuracy"] is not None
-    assert rows[2]["personalized_devices"] == 1 and rows[2]["personalized_accuracy"] is not None
-    # The failed device downloaded but sent nothing: one upload in round 1, two in round 2.
-    assert len(rows[1]["device_costs"]) == 1 and len(rows[2]["device_costs"]) == 2
-    assert rows[1]["download_bytes"] > 0 and rows[2]["accuracy"] is not None
-    assert summary["rounds"] == 2
-
-
-def _client_app_losing_its_reply(device: int, round_num: int, state_dir):
-    """fibecfed's ClientApp, except that one node trains `round_num` and keeps its state as usual,
-    and its reply then speaks for another device, so the server counts no update from it: to the
-    node, the round the server did not count, as with a reply that came after the deadline."""
+def _client_app(state_dir, failing_train=None, failing_evaluation=None, losing_reply=None):
+    """fibecfed's ClientApp, nodes saving their states in `state_dir`, except that:
+    - failing_train=(device, round): that node raises in that round's training, before it
+      trains (a real failure on a real node);
+    - failing_evaluation=(device, round): that node raises in that round's evaluation;
+    - losing_reply=(device, round): that node trains that round and keeps its state as usual,
+      and its reply then speaks for another device, so the server counts no update from it: to
+      the node, a round the server did not count, as with a reply that came after the deadline."""
     import dataclasses
 
     from flwr.app import Message
@@ -161,63 +124,101 @@ def _client_app_losing_its_reply(device: int, round_num: int, state_dir):
 
     from fibecfed.flower import client_app, records
 
+    def this(context, msg, which):
+        return which == (client_app.partition_id(context), msg.content.config_records["round"]["round"])
+
     app = ClientApp()
     app.query()(client_app.identify)
 
     @app.evaluate()
     def evaluate(msg, context):
+        if this(context, msg, failing_evaluation):
+            raise RuntimeError("this node breaks down in its evaluation")
         return client_app.evaluate(msg, context, state_dir)
 
     @app.train()
     def train(msg, context):
+        if this(context, msg, failing_train):
+            raise RuntimeError("this node breaks down before it trains")
         reply = client_app.train(msg, context, state_dir)
-        if client_app.partition_id(context) == device and msg.content.config_records["round"]["round"] == round_num:
+        if this(context, msg, losing_reply):
             update = records.read_update_content(reply.content)
-            return Message(records.update_content(dataclasses.replace(update, device=device + 1)), reply_to=msg)
+            return Message(records.update_content(dataclasses.replace(update, device=update.device + 1)), reply_to=msg)
         return reply
 
     return app
 
 
-def test_a_round_the_server_did_not_count_is_redone_from_its_start_on_the_node(tiny_encoder_dir, tmp_path):
-    """Device 0's node trains round 2 and keeps the result beside round 1's, but the server
-    drops its reply: in round 3 the node must train from round 1's state (the one round 2
-    started from), as if round 2 had failed on it before training. Against a run where that
-    node raised in round 2 before training: the same rounds and the same final states of both
-    devices, on disk."""
+@pytest.fixture(scope="module")
+def failing_and_lost_runs(tiny_encoder_dir, tmp_path_factory):
+    """Two 3-round FibecFed runs on Flower, two devices, in both of which device 1's node fails
+    round 3's evaluation: in "failed", device 0's node raises in round 2 before it trains; in
+    "lost", it trains round 2 and keeps the result beside round 1's, but the server drops its
+    reply. Returns the folder holding failed/, lost/ (runs) and failed-states/, lost-states/."""
     from fibecfed.flower.simulation import run_flower_simulation
 
+    folder = tmp_path_factory.mktemp("failing-and-lost")
     overrides = tiny_run_overrides(tiny_encoder_dir, rounds=3) + ["partition.num_devices=2", "method=fibecfed"]
     config = load_config(None, overrides + ["federation.runtime=flower"])
-    run_flower_simulation(config, tmp_path / "failed", client_app=_client_app_failing_in_round_one(
-        0, state_dir=tmp_path / "failed-states", failing_round=2))
-    run_flower_simulation(config, tmp_path / "lost", client_app=_client_app_losing_its_reply(0, 2, tmp_path / "lost-states"))
-    failed, lost = _rows(tmp_path / "failed" / "metrics.jsonl"), _rows(tmp_path / "lost" / "metrics.jsonl")
+    for name, fault in (("failed", {"failing_train": (0, 2)}), ("lost", {"losing_reply": (0, 2)})):
+        app = _client_app(folder / f"{name}-states", failing_evaluation=(1, 3), **fault)
+        (folder / name).mkdir()
+        (folder / name / "returned.json").write_text(json.dumps(run_flower_simulation(config, folder / name, client_app=app)))
+    return folder
+
+
+def test_a_failing_node_is_counted_and_the_run_completes(failing_and_lost_runs):
+    run = failing_and_lost_runs / "failed"
+    rows = _rows(run / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert [r["failed_devices"] for r in rows[1:]] == [[], [0], []]
+    # Device 1's node failed round 3's evaluation: that round's personalised score pools device 0
+    # alone, and says so (rounds 1 and 2 pooled both).
+    assert [r["personalized_devices"] for r in rows[1:]] == [2, 2, 1]
+    assert all(r["personalized_accuracy"] is not None for r in rows[1:])
+    # The failed device downloaded but sent nothing: one upload in round 2, two in rounds 1 and 3.
+    assert [len(r["device_costs"]) for r in rows[1:]] == [2, 1, 2]
+    assert rows[2]["download_bytes"] > rows[1]["download_bytes"] and rows[3]["accuracy"] is not None
+    assert json.loads((run / "returned.json").read_text())["rounds"] == 3
+
+
+def test_a_round_the_server_did_not_count_is_redone_from_its_start_on_the_node(failing_and_lost_runs):
+    """In "lost", device 0's node kept round 2's result, but the server dropped its reply: in
+    round 3 the node must train from round 1's state (the one round 2 started from), as if round
+    2 had failed on it before training ("failed"): the same rounds and the same final states of
+    both devices, on disk."""
+    failed, lost = (_rows(failing_and_lost_runs / name / "metrics.jsonl") for name in ("failed", "lost"))
     assert failed[2]["failed_devices"] == lost[2]["failed_devices"] == [0]
     for row_failed, row_lost in zip(failed, lost):
         for key in ("accuracy", "loss", "personalized_accuracy", "personalized_devices"):
             assert row_failed.get(key) == pytest.approx(row_lost.get(key), abs=1e-6), (row_failed["round"], key)
     for device in (0, 1):
-        a = torch.load(tmp_path / "failed-states" / f"device-{device}.pt", weights_only=False)
-        b = torch.load(tmp_path / "lost-states" / f"device-{device}.pt", weights_only=False)
+        a = torch.load(failing_and_lost_runs / "failed-states" / f"device-{device}.pt", weights_only=False)
+        b = torch.load(failing_and_lost_runs / "lost-states" / f"device-{device}.pt", weights_only=False)
         assert a["participations"] == b["participations"] == (2 if device == 0 else 3)
         _assert_close(a["personal"], b["personal"], f"device {device} personal")
 
 
-def test_cli_runs_on_flower(tiny_encoder_dir, tmp_path):
+def test_cli_runs_fedavg_on_flower_as_inprocess(tiny_encoder_dir, tmp_path):
+    """`fibecfed run federation.runtime=flower`, as a user runs it: FedAvg on Flower's simulation
+    runtime gives the in-process run's global adapter and metrics."""
     import subprocess
     import sys
 
+    overrides = [*tiny_run_overrides(tiny_encoder_dir, rounds=2), "partition.num_devices=2", "method=fedavg"]
+    Simulation(load_config(None, overrides), tmp_path / "inprocess").run()
     out = tmp_path / "run"
-    args = [*tiny_run_overrides(tiny_encoder_dir, rounds=1), "partition.num_devices=2", "federation.runtime=flower"]
-    result = subprocess.run([sys.executable, "-m", "fibecfed.cli", "run", "--out", str(out), *args],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "fibecfed.cli", "run", "--out", str(out), *overrides,
+                             "federation.runtime=flower"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "flower runtime" in result.stderr
-    rows = _rows(out / "metrics.jsonl")
-    assert [r["round"] for r in rows] == [0, 1] and rows[1]["upload_bytes"] > 0
-    for name in ("summary.json", "accuracy.png", "adapter/adapter_model.safetensors"):
-        assert (out / name).is_file(), name
+    _assert_close(
+        load_file(tmp_path / "inprocess" / "adapter" / "adapter_model.safetensors"),
+        load_file(out / "adapter" / "adapter_model.safetensors"),
+        "global adapter",
+    )
+    rows = _assert_same_rows(tmp_path / "inprocess", out, rounds=2)
+    assert rows[2]["upload_bytes"] > rows[1]["upload_bytes"] > 0 and rows[-1]["bytes_saved_vs_fedavg"] == 0
 
 
 # Seed 41, two devices, 60% faulty: round 1, device 1 raises; round 2, device 0 raises and device 1

@@ -336,3 +336,22 @@ def test_compare_report_on_new_schema_runs(tmp_path):
     compare(parse_methods("fedavg,fibecfed"), [0], tmp_path, report_only=True)
     assert not (tmp_path / "bandwidth.png").exists()
     assert "Bandwidth sweep unavailable" in (tmp_path / "comparison.md").read_text()
+
+
+def test_compare_runs_seed_by_seed_every_method_in_turn(tmp_path):
+    """A slow spell on a shared machine then slows one seed's runs of every method alike."""
+    from fibecfed import outputs
+    from fibecfed.compare import compare
+
+    fake, order = crossing_runs(), []
+
+    def run_one(config, run_dir):
+        order.append((config.method.name, config.seed))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        outputs.write_metrics(run_dir / "metrics.jsonl", fake[config.method.name][0])
+        outputs.write_json(run_dir / "summary.json", {})
+        return {}
+
+    result = compare(parse_methods("fedavg,fibecfed"), [0, 1], tmp_path, run_one=run_one)
+    assert order == [("fedavg", 0), ("fibecfed", 0), ("fedavg", 1), ("fibecfed", 1)]
+    assert result["methods"]["fibecfed"]["seeds"] == 2

@@ -45,6 +45,31 @@ def test_fedavg_run_writes_outputs(tiny_encoder_dir, tmp_path):
     assert summary["final_accuracy"] == rows[-1]["accuracy"]
 
 
+def test_the_summary_keeps_the_last_personalised_score_any_device_answered(tiny_encoder_dir, tmp_path):
+    summary, rows, checkpoint = _run(tiny_encoder_dir, tmp_path / "run")
+    assert rows[1]["personalized_accuracy"] is not None and rows[2]["personalized_accuracy"] is not None
+    assert summary["final_personalized_accuracy"] == rows[2]["personalized_accuracy"]
+    assert summary["final_personalized_round"] == 2
+    # On Flower a round's evaluation can get no answer: the summary then keeps round 1's score,
+    # as `compare` does, rather than none.
+    history = [*rows[:2], {**rows[2], "personalized_accuracy": None, "personalized_devices": 0}]
+    config = load_config(None, tiny_run_overrides(tiny_encoder_dir, 2))
+    again = sim_module.write_run_outputs(config, tmp_path / "again", sim_module.prepare(config),
+                                         checkpoint["global_state"], history)
+    assert again["final_personalized_accuracy"] == rows[1]["personalized_accuracy"]
+    assert again["final_personalized_round"] == 1
+
+
+def test_a_finished_run_started_again_does_nothing_and_keeps_its_files(tiny_encoder_dir, tmp_path):
+    summary, rows, _ = _run(tiny_encoder_dir, tmp_path)
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    adapter = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    again, rows_again, _ = _run(tiny_encoder_dir, tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics and rows_again == rows
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert again["final_accuracy"] == summary["final_accuracy"] and again["rounds"] == 2
+
+
 def test_adapter_loads_with_peft(tiny_encoder_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
