@@ -22,6 +22,10 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _score(value: float | None) -> str:
+    return "none" if value is None else f"{value:.3f}"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fibecfed import runtimes
     from fibecfed.checks import preflight
@@ -41,7 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(
         f"accuracy {summary['initial_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
         f"(best {summary['best_accuracy']:.3f}, majority class {summary['majority_rate']:.3f}); "
-        f"personalised (every device's own model) {summary['final_personalized_accuracy'] or float('nan'):.3f}; "
+        f"personalised (every device's own model) {_score(summary.get('final_personalized_accuracy'))}; "
         f"wall {summary['wall_time_s']:.0f} s, simulated {summary['sim_time_s']:.0f} s "
         f"(compute only {summary.get('compute_time_s') or 0:.0f} s), "
         f"uploaded {summary['upload_bytes'] / 1e6:.1f} MB"

@@ -349,7 +349,8 @@ def summarise(
 
     Keys of a method's entry (X_std is the spread over seeds of every mean X):
     - run totals: seeds, wall_time_s, sim_time_s, compute_time_s, upload_bytes,
-      final_personalized_accuracy (the last row's personalised score; kept for older readers);
+      final_personalized_accuracy (the last personalised score any device answered; the same as
+      personalized_final_accuracy, kept for older readers);
       the round breakdown (round_sim_s, round_transfer_s, round_compute_s, round_scoring_s,
       round_device_upload_bytes, round_curriculum_fraction, and round_compute_only_s,
       init_background_s where the runs record compute_time_s); device_costs_seeds (seeds whose
@@ -383,7 +384,10 @@ def summarise(
             sweeps[label][prefix] = sweep
         lasts = [rows[-1] if rows else {} for rows in seed_rows]
         totals = {
-            "final_personalized_accuracy": [last.get(PERSONAL) for last in lasts],
+            # The last personalised score any device answered (summary.json's, for accuracy).
+            "final_personalized_accuracy": [
+                next((r[PERSONAL] for r in reversed(rows) if r.get(PERSONAL) is not None), None) for rows in seed_rows
+            ],
             **{name: [last.get(name) for last in lasts] for name in ("wall_time_s", "sim_time_s", "compute_time_s", "upload_bytes")},
         }
         for name, values in totals.items():

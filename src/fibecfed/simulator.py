@@ -549,7 +549,7 @@ def write_run_outputs(
         "headline_metric": prepared.task.metric,
         # Every device's own model on its own test part, pooled, at the last evaluation that got
         # any device's answer (on Flower a round's evaluation can get none), and that round: the
-        # same score `compare` reports as the final personalised one.
+        # score comparison.json's personalized_final_accuracy holds (with --metric accuracy).
         "final_personalized_accuracy": personal[-1]["personalized_accuracy"] if personal else None,
         "final_personalized_round": personal[-1]["round"] if personal else None,
         "final_sampled_personalized_accuracy": last.get("sampled_personalized_accuracy"),

@@ -93,7 +93,7 @@ def _assert_same_rows(inprocess, flower, rounds):
     """The same metrics rows in both runtimes, bytes aside (measured on Flower's messages, which
     also carry the round's settings), and the Flower run's files; returns the Flower rows."""
     rows_a, rows_b = _rows(inprocess / "metrics.jsonl"), _rows(flower / "metrics.jsonl")
-    assert [r["round"] for r in rows_b] == list(range(rounds + 1))
+    assert [r["round"] for r in rows_a] == [r["round"] for r in rows_b] == list(range(rounds + 1))
     for a, b in zip(rows_a, rows_b):
         for key in ("devices", "failed_devices", "aggregated_layers", "curriculum_fraction", "trained_personal",
                     "personalized_devices"):
@@ -162,8 +162,7 @@ def failing_and_lost_runs(tiny_encoder_dir, tmp_path_factory):
     config = load_config(None, overrides + ["federation.runtime=flower"])
     for name, fault in (("failed", {"failing_train": (0, 2)}), ("lost", {"losing_reply": (0, 2)})):
         app = _client_app(folder / f"{name}-states", failing_evaluation=(1, 3), **fault)
-        (folder / name).mkdir()
-        (folder / name / "returned.json").write_text(json.dumps(run_flower_simulation(config, folder / name, client_app=app)))
+        run_flower_simulation(config, folder / name, client_app=app)
     return folder
 
 
@@ -178,8 +177,9 @@ def test_a_failing_node_is_counted_and_the_run_completes(failing_and_lost_runs):
     assert all(r["personalized_accuracy"] is not None for r in rows[1:])
     # The failed device downloaded but sent nothing: one upload in round 2, two in rounds 1 and 3.
     assert [len(r["device_costs"]) for r in rows[1:]] == [2, 1, 2]
-    assert rows[2]["download_bytes"] > rows[1]["download_bytes"] and rows[3]["accuracy"] is not None
-    assert json.loads((run / "returned.json").read_text())["rounds"] == 3
+    round_2_download = rows[2]["download_bytes"] - rows[1]["download_bytes"]
+    assert round_2_download > rows[2]["device_costs"][0][1] and rows[3]["accuracy"] is not None
+    assert json.loads((run / "summary.json").read_text())["rounds"] == 3
 
 
 def test_a_round_the_server_did_not_count_is_redone_from_its_start_on_the_node(failing_and_lost_runs):
@@ -188,6 +188,7 @@ def test_a_round_the_server_did_not_count_is_redone_from_its_start_on_the_node(f
     2 had failed on it before training ("failed"): the same rounds and the same final states of
     both devices, on disk."""
     failed, lost = (_rows(failing_and_lost_runs / name / "metrics.jsonl") for name in ("failed", "lost"))
+    assert len(failed) == len(lost) == 4
     assert failed[2]["failed_devices"] == lost[2]["failed_devices"] == [0]
     for row_failed, row_lost in zip(failed, lost):
         for key in ("accuracy", "loss", "personalized_accuracy", "personalized_devices"):
@@ -219,6 +220,13 @@ def test_cli_runs_fedavg_on_flower_as_inprocess(tiny_encoder_dir, tmp_path):
     )
     rows = _assert_same_rows(tmp_path / "inprocess", out, rounds=2)
     assert rows[2]["upload_bytes"] > rows[1]["upload_bytes"] > 0 and rows[-1]["bytes_saved_vs_fedavg"] == 0
+    # The CLI's virtual nodes keep their states in out/node-states: both trained both rounds, as in-process.
+    states = read_device_states(tmp_path / "inprocess")
+    assert set(states) == {0, 1}
+    for device, expected in states.items():
+        node = torch.load(out / "node-states" / f"device-{device}.pt", weights_only=False)
+        assert node["participations"] == expected.participations == 2
+        _assert_close(expected.personal, node["personal"], f"device {device} personal")
 
 
 # Seed 41, two devices, 60% faulty: round 1, device 1 raises; round 2, device 0 raises and device 1

@@ -1,5 +1,5 @@
 """Flower's deployment runtime on loopback: a real SuperLink, two real SuperNodes (one per
-device), `flwr run .` against them, the run's status from `flwr list`, the metrics it wrote.
+device), `flwr run` of the app against them, the run's status from `flwr list`, the metrics it wrote.
 As across machines: TLS with a throwaway CA and SuperNode authentication with registered ECDSA
 P-384 keys (README, "Beyond one machine: Flower", part 3). The plaintext deployment of part 2
 (`--insecure`) differs only in Flower's flags; its own run here (70 s, a SuperLink and its
@@ -102,18 +102,21 @@ def run_deployment(
 
         # `flwr run` only says the run was submitted: its status comes from `flwr list`. Each
         # `flwr list` is a Python process (seconds of CPU on this 2-core machine, taken from the
-        # run's processes), so first wait for the ServerApp's last file, then ask.
-        deadline, status = time.monotonic() + 480, ""
-        while time.monotonic() < deadline and not (out / "summary.json").is_file():
-            assert link.poll() is None, "the SuperLink exited"
-            time.sleep(0.5)
+        # run's processes), so it is asked every 3 s only once the ServerApp wrote its last
+        # file, and every 30 s before (a run that failed writes none).
+        deadline, status, asked = time.monotonic() + 480, "", time.monotonic()
         while time.monotonic() < deadline:
-            listed = flwr("list", "loopback", "--run-id", str(run_id), "--format", "json", env=env, cwd=tmp_path)
-            if listed.returncode == 0:
-                status = json.loads(listed.stdout)["runs"][0]["status"]
-                if status.startswith("finished"):
-                    break
-            time.sleep(3)
+            assert link.poll() is None, "the SuperLink exited"
+            if (out / "summary.json").is_file() or time.monotonic() - asked > 30:
+                listed = flwr("list", "loopback", "--run-id", str(run_id), "--format", "json", env=env, cwd=tmp_path)
+                asked = time.monotonic()
+                if listed.returncode == 0:
+                    status = json.loads(listed.stdout)["runs"][0]["status"]
+                    if status.startswith("finished"):
+                        break
+                time.sleep(3)
+            else:
+                time.sleep(0.5)
         logs = "\n".join((tmp_path / f"{n}.log").read_text()[-1500:] for n in ("superlink", "supernode-0"))
         assert status == "finished:completed", f"status {status!r}\n{logs}"
 
@@ -136,9 +139,10 @@ def run_deployment(
 
 
 def flower_app(folder: Path) -> Path:
-    """The repository's Flower app, only the files its FAB takes (pyproject.toml's fab-include):
-    `flwr run .` walks every file under the folder, the virtual environment's too (about 8 s
-    of this test's CPU), before it keeps these."""
+    """The repository's Flower app: pyproject.toml and the package's source, the folders its FAB
+    takes files from (pyproject.toml's fab-include), so the FAB is the one `flwr run .` builds
+    in the repository. There `flwr run` first walks every file under the folder, the virtual
+    environment's too (about 8 s of this test's CPU), before it keeps these."""
     shutil.copytree(REPO / "src" / "fibecfed", folder / "src" / "fibecfed",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy2(REPO / "pyproject.toml", folder / "pyproject.toml")

@@ -355,3 +355,12 @@ def test_compare_runs_seed_by_seed_every_method_in_turn(tmp_path):
     result = compare(parse_methods("fedavg,fibecfed"), [0, 1], tmp_path, run_one=run_one)
     assert order == [("fedavg", 0), ("fibecfed", 0), ("fedavg", 1), ("fibecfed", 1)]
     assert result["methods"]["fibecfed"]["seeds"] == 2
+
+
+def test_the_final_personalised_score_is_the_last_one_any_device_answered():
+    # Seed 0's last round got no personalised answer (a Flower run whose nodes all failed it).
+    seed0 = [{**r, "personalized_accuracy": p} for r, p in zip(rows([0.3, 0.6, 0.7]), [None, 0.5, None])]
+    seed1 = [{**r, "personalized_accuracy": p} for r, p in zip(rows([0.3, 0.6, 0.7]), [None, 0.6, 0.9])]
+    entry = summarise({"m": [seed0, seed1]}, 0.99, "m")["m"]
+    assert entry["final_personalized_accuracy"] == pytest.approx((0.5 + 0.9) / 2)
+    assert entry["personalized_final_accuracy"] == pytest.approx((0.5 + 0.9) / 2)
