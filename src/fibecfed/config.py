@@ -550,6 +550,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str, issues: list[str]) -> A
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        if not isinstance(key, str):  # YAML gives `1:` an int key and a lone `?` a None key
+            issues.append(f"config key {key!r}{' under ' + prefix.rstrip('.') if prefix else ''} is not a name; "
+                          f"known keys: {', '.join(prefix + n for n in names)}")
+            continue
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""

@@ -36,6 +36,17 @@ def test_unknown_section():
         config_from_dict({"optimizer": {"lr": 1}})
 
 
+def test_a_key_that_is_not_a_name_is_a_config_error(tmp_path):
+    # YAML reads `1: 2` as an int key and a lone `?` as a None key.
+    with pytest.raises(ConfigError, match=r"config key 1 is not a name; known keys: seed, model, "):
+        config_from_dict({1: 2})
+    with pytest.raises(ConfigError, match=r"config key None under federation is not a name; known keys: federation\.rounds"):
+        config_from_dict({"federation": {None: 3}})
+    (tmp_path / "odd.yaml").write_text("?\n")
+    with pytest.raises(ConfigError, match="config key None is not a name"):
+        load_config(str(tmp_path / "odd.yaml"))
+
+
 def test_all_problems_reported_at_once():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["train.batch_size=abc", "method.name=sgd", "federation.rounds=2.5"])

@@ -9,7 +9,7 @@ import tempfile
 import typing
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fibecfed.config import RunConfig, config_from_dict, config_to_dict, load_config
@@ -83,6 +83,8 @@ YAML_TEXT = st.one_of(
 
 @FUZZ
 @given(text=YAML_TEXT)
+@example(text="?")  # a mapping whose only key is None (found by this test in CI)
+@example(text="1: 2\nfederation:\n  3: x")  # int keys, at the top and in a section
 def test_any_config_file_gives_a_valid_config_or_config_error(text):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "config.yaml"
