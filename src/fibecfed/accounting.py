@@ -21,9 +21,10 @@ def serialized_nbytes(state: Mapping[str, torch.Tensor]) -> int:
 def compute_clock(kind: str, device: torch.device) -> Callable[[], float]:
     """The clock that times a device's local work.
 
-    "process" is this process's CPU time: programs sharing the cores cannot inflate it, so the
-    time ratios between methods measured on a busy machine hold. It misses GPU kernels, which run
-    outside the CPU clock, so "auto" takes wall time on CUDA.
+    "process" is this process's CPU time: programs sharing the cores inflate it far less than
+    wall time (2-18% on a whole run in BENCHMARKS.md's tweets timings, through shared caches), so
+    time ratios between methods measured on a busy machine roughly hold. It misses GPU kernels,
+    which run outside the CPU clock, so "auto" takes wall time on CUDA.
     """
     if kind == "auto":
         kind = "wall" if device.type == "cuda" else "process"

@@ -47,6 +47,15 @@ def test_a_key_that_is_not_a_name_is_a_config_error(tmp_path):
         load_config(str(tmp_path / "odd.yaml"))
 
 
+@pytest.mark.parametrize("text", ["? 0x" + "F" * 4000 + "\n: 1\n", "train: {lr: 0x" + "F" * 4000 + "}\n",
+                                  "seed: 18446744073709551616\n"])
+def test_an_integer_past_64_bits_is_a_config_error(tmp_path, text):
+    (tmp_path / "huge.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"holds an integer of \d+ bits; no setting takes more than 64"):
+        load_config(str(tmp_path / "huge.yaml"))
+    load_config(None, ["seed=18446744073709551615"])  # 2**64 - 1: the largest seed torch takes
+
+
 def test_all_problems_reported_at_once():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["train.batch_size=abc", "method.name=sgd", "federation.rounds=2.5"])

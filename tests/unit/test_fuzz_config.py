@@ -85,6 +85,7 @@ YAML_TEXT = st.one_of(
 @given(text=YAML_TEXT)
 @example(text="?")  # a mapping whose only key is None (found by this test in CI)
 @example(text="1: 2\nfederation:\n  3: x")  # int keys, at the top and in a section
+@example(text="0: &0 [*0]")  # a list that holds itself
 def test_any_config_file_gives_a_valid_config_or_config_error(text):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "config.yaml"
