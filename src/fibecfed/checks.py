@@ -36,6 +36,22 @@ def check_label_words(label_words: list[str] | None, label_names: list[str]) -> 
         )
 
 
+# The verbalizer prompts when model.prompt_template is not set.
+SINGLE_PROMPT = "{text}\nAnswer:"
+PAIR_PROMPT = "{text}\n{text_pair}\nAnswer:"
+
+
+def prompt_template(configured: str | None, has_pairs: bool) -> str:
+    """The verbalizer prompt; a sentence-pair task must show the model both sentences."""
+    if configured is None:
+        return PAIR_PROMPT if has_pairs else SINGLE_PROMPT
+    if has_pairs and "{text_pair}" not in configured:
+        raise ConfigError("this task has sentence pairs: model.prompt_template must contain {text_pair} as well as {text}")
+    if "{text}" not in configured:
+        raise ConfigError("model.prompt_template must contain {text}")
+    return configured
+
+
 def preflight(config: RunConfig) -> None:
     """Raise what `config` would fail with, before any training. Data first (cheap, and the
     commonest mistake), then the model folder and the LoRA targets (no weights are read)."""
@@ -43,6 +59,8 @@ def preflight(config: RunConfig) -> None:
     train_parts, _ = partition_task(task, config.partition, config.seed, config.data.group_column is not None)
     check_devices_per_round(config.federation.devices_per_round, len(train_parts))
     check_label_words(config.model.label_words, task.label_names)
-    check_model(config.model.name, config.model.head, config.lora.target_modules, config.model.cache_dir,
-                config.model.train_label_words)
+    head = check_model(config.model.name, config.model.head, config.lora.target_modules, config.model.cache_dir,
+                       config.model.train_label_words)
+    if head == "verbalizer":
+        prompt_template(config.model.prompt_template, task.train.text_pairs is not None)
     logger.debug("preflight passed: %d train, %d test samples on %d devices", len(task.train), len(task.test), len(train_parts))

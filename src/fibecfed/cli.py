@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fibecfed.errors import FibecfedError
+from fibecfed.errors import ConfigError, FibecfedError
 
 logger = logging.getLogger("fibecfed.cli")
 
@@ -36,12 +36,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     # run writes its config.json.
     preflight(config)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    if args.fresh and (out / "checkpoint.pt").exists():
-        (out / "checkpoint.pt").unlink()
+    make_folder(out)
+    args.resolved_out = out
     print(f"fibecfed run: {config.method.name} on {config.data.name} with {config.model.name}, "
           f"{config.partition.num_devices} devices, {config.federation.rounds} rounds, "
           f"{config.federation.runtime} runtime -> {out}", file=sys.stderr)
-    summary = runtimes.run(config, out, progress=not args.no_progress)
+    summary = runtimes.run(config, out, progress=not args.no_progress, fresh=args.fresh)
     print(
         f"accuracy {summary['initial_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
         f"(best {summary['best_accuracy']:.3f}, majority class {summary['majority_rate']:.3f}); "
@@ -57,6 +57,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def make_folder(out: Path) -> None:
+    """Create the run folder (after the checks: a refused run creates nothing), or say why not."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot use {out} as the run folder (--out): {exc.strerror or exc}") from None
+
+
+def resume_hint(args: argparse.Namespace) -> str:
+    """How to go on after an interrupt: the same command, with the folder named if it was not."""
+    out = getattr(args, "resolved_out", None)
+    if out is not None and not args.out:
+        return f"interrupted; to resume from the last completed round, run the same command with --out {out}"
+    return "interrupted; run the same command again to resume from the last completed round"
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from fibecfed.checks import preflight
     from fibecfed.compare import DEFAULT_SWEEP_MBPS, compare, parse_bandwidths, parse_methods, parse_seeds
@@ -65,6 +81,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     sweep = parse_bandwidths(args.bandwidths) if args.bandwidths else list(DEFAULT_SWEEP_MBPS)
     seeds = parse_seeds(args.seeds)
     out = Path(args.out) if args.out else Path("runs") / ("compare-" + time.strftime("%Y%m%d-%H%M%S"))
+    args.resolved_out = out
     result = compare(
         methods, seeds, out, config=args.config, overrides=args.overrides, target=args.target,
         target_share=args.target_share, reference=args.reference, progress=not args.no_progress,
@@ -86,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="fine-tune across simulated devices, in-process")
     run.add_argument("--config", help="a YAML config file or a preset name (default: the embedded default)")
-    run.add_argument("--out", help="run folder (default: runs/<timestamp>); an unfinished run there resumes")
+    run.add_argument("--out", help="run folder (default: runs/<timestamp>, printed at the start); an unfinished run "
+                     "there resumes")
     run.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out and start over")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. federation.rounds=5")
@@ -150,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume from the last completed round", file=sys.stderr)
+        print(resume_hint(args), file=sys.stderr)
         return 130
 
 

@@ -14,6 +14,7 @@ sends fewer bytes but computes more starts to win.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import statistics
@@ -84,7 +85,11 @@ def parse_methods(text: str) -> list[MethodSpec]:
             continue
         depth += char == "["
         depth -= char == "]"
+        if depth < 0:
+            raise ConfigError(f"--methods {text!r}: a ']' without its '[' (write NAME[key=value;key=value])")
         current += char
+    if depth != 0:
+        raise ConfigError(f"--methods {text!r}: a '[' without its ']' (write NAME[key=value;key=value])")
     result = []
     for spec in specs:
         name, extra = spec, []
@@ -759,6 +764,12 @@ def compare(
 
     if metric not in ("accuracy", "f1", "mcc"):
         raise ConfigError(f"--metric must be accuracy, f1 or mcc, got {metric!r}")
+    lowest = -1.0 if metric == "mcc" else 0.0
+    for flag, value in (("--target", target), ("--personalized-target", personalized_target)):
+        if value is not None and not lowest <= value <= 1.0:
+            raise ConfigError(f"{flag} must be a {metric} score, in [{lowest:g}, 1], got {value}")
+    if not 0.0 < target_share <= 1.0:
+        raise ConfigError(f"--target-share must be in (0, 1], got {target_share}")
     out = Path(out_dir)
     labels = [m.label for m in methods]
     reference = reference or ("fedavg" if "fedavg" in labels else labels[0])
@@ -778,7 +789,13 @@ def compare(
             if key not in checked:
                 checked.append(key)
                 preflight(run_config)
-    out.mkdir(parents=True, exist_ok=True)
+    # Every run folder that holds a run must hold a run of its config: refused now, not hours in.
+    for (label, seed), run_config in configs.items():
+        check_run_folder(out / _folder_name(label) / f"seed{seed}", run_config)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot use {out} as the comparison folder (--out): {exc.strerror or exc}") from None
     runs: dict[str, list[list[dict[str, Any]]]] = {m.label: [] for m in methods}
     # Seed by seed, every method in turn: on a shared machine a slow spell then slows the runs
     # of one seed of every method alike, not all the seeds of one method (the paired ratios).
@@ -858,6 +875,23 @@ def compare(
         # Runs without device costs: no plot, and none left from an earlier report to contradict this one.
         (out / "bandwidth.png").unlink(missing_ok=True)
     return result
+
+
+def check_run_folder(run_dir: Path, config: RunConfig) -> None:
+    """Refuse a method's run folder that holds a run of another config (its config.json, written
+    when a run starts): resuming it would mix two runs, and a report would give one the other's
+    settings. Folders without config.json (results committed without it) are not checked."""
+    from fibecfed.simulator import different_run_error, saved_config_differences
+
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # none, or unreadable: a resume still checks the run's checkpoint
+    if not isinstance(saved, dict):
+        return
+    differences = saved_config_differences(saved, config)
+    if differences:
+        raise different_run_error(run_dir, differences, "delete that folder to run it again")
 
 
 def _folder_name(label: str) -> str:

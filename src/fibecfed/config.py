@@ -109,12 +109,15 @@ class PartitionConfig:
     alpha: float = 0.5
     # Concentration of the device sizes under label skew (FedPepTAO: 5).
     size_alpha: float = 5.0
-    # A device with fewer train samples than this is an error (say how to fix it).
+    # A device with fewer train samples than this is an error (say how to fix it); at least 1.
     min_samples: int = 1
 
     def _check(self, issues: list[str]) -> None:
         if self.num_devices < 1:
             issues.append(f"partition.num_devices must be >= 1, got {self.num_devices}")
+        if self.min_samples < 1:
+            # A device without training data cannot train: every round it took part in would fail.
+            issues.append(f"partition.min_samples must be >= 1, got {self.min_samples}")
         if self.alpha <= 0 or self.size_alpha <= 0:
             issues.append("partition.alpha and partition.size_alpha must be > 0")
 

@@ -274,9 +274,9 @@ def check_target_modules(targets: list[str], names: list[str], linear: list[str]
 
 def check_model(
     name: str, head: str, target_modules: list[str] | str, cache_dir: str | None = None, train_label_words: bool = False
-) -> None:
+) -> str:
     """Refuse a model that cannot load or cannot take the requested head and LoRA targets,
-    without reading its weights."""
+    without reading its weights; return the head it will have ("classifier" or "verbalizer")."""
     path = resolve_model_source(name, cache_dir)
     from transformers import AutoConfig
 
@@ -296,6 +296,7 @@ def check_model(
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot build model {name!r} from its config: {_first_line(exc)}") from None
     check_target_modules([targets] if isinstance(targets, str) else list(targets), names, linear, name)
+    return head
 
 
 def _label_words_error(name: str, head: str) -> str:

@@ -9,11 +9,14 @@ from fibecfed.config import RunConfig
 from fibecfed.errors import FibecfedError
 
 
-def run(config: RunConfig, out: str | Path, progress: bool = False) -> dict[str, Any]:
+def run(config: RunConfig, out: str | Path, progress: bool = False, fresh: bool = False) -> dict[str, Any]:
     """Run `config` into `out`; return the summary. Both runtimes resume an unfinished run in
-    `out`. On Flower's simulation runtime the virtual nodes keep the devices' states in
-    `out/node-states`, so that they survive the run's processes."""
+    `out`, unless `fresh`: then a checkpoint there is ignored and replaced. On Flower's simulation
+    runtime the virtual nodes keep the devices' states in `out/node-states`, so that they survive
+    the run's processes."""
     if config.federation.runtime == "flower":
+        if fresh:
+            (Path(out) / "checkpoint.pt").unlink(missing_ok=True)
         try:
             from fibecfed.flower.simulation import run_flower_simulation
         except ImportError as exc:
@@ -21,4 +24,4 @@ def run(config: RunConfig, out: str | Path, progress: bool = False) -> dict[str,
         return run_flower_simulation(config, out, state_dir=Path(out) / "node-states")
     from fibecfed.simulator import Simulation
 
-    return Simulation(config, out, progress=progress).run()
+    return Simulation(config, out, progress=progress, resume=not fresh).run()

@@ -9,10 +9,12 @@ same output folder resumes after the last completed round.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ import torch
 
 from fibecfed import faults, outputs
 from fibecfed.accounting import compute_clock
-from fibecfed.checks import check_devices_per_round, check_label_words
+from fibecfed.checks import check_devices_per_round, check_label_words, prompt_template
 from fibecfed.config import RunConfig, config_to_dict, load_config
 from fibecfed.data.loaders import load_task
 from fibecfed.data.partition import partition_task
@@ -57,6 +59,8 @@ CHECKPOINT_FORMAT = 2
 DEVICES = "devices"
 # Config keys that change how a run is carried out, not its results: a run resumes with other values.
 RESUME_FREE = (("federation", "device_cache"),)
+# How a refused resume can start over instead (fibecfed run; compare names its own way).
+START_OVER = "--fresh to start over (fibecfed run), or delete the folder"
 
 
 @dataclass
@@ -82,8 +86,6 @@ PRESET_LABEL_WORDS: dict[str, list[str]] = {
     "rte": [" yes", " no"],
     "qnli": [" yes", " no"],
 }
-SINGLE_PROMPT = "{text}\nAnswer:"
-PAIR_PROMPT = "{text}\n{text_pair}\nAnswer:"
 
 
 def default_label_words(task_name: str, label_names: list[str]) -> list[str]:
@@ -91,17 +93,6 @@ def default_label_words(task_name: str, label_names: list[str]) -> list[str]:
     if task_name in PRESET_LABEL_WORDS and len(PRESET_LABEL_WORDS[task_name]) == len(label_names):
         return PRESET_LABEL_WORDS[task_name]
     return [" " + name.replace("_", " ") for name in label_names]
-
-
-def prompt_template(configured: str | None, has_pairs: bool) -> str:
-    """The verbalizer prompt; a sentence-pair task must show the model both sentences."""
-    if configured is None:
-        return PAIR_PROMPT if has_pairs else SINGLE_PROMPT
-    if has_pairs and "{text_pair}" not in configured:
-        raise ConfigError("this task has sentence pairs: model.prompt_template must contain {text_pair} as well as {text}")
-    if "{text}" not in configured:
-        raise ConfigError("model.prompt_template must contain {text}")
-    return configured
 
 
 def prepare(config: RunConfig) -> Prepared:
@@ -178,29 +169,77 @@ def curriculum_settings(config: RunConfig) -> CurriculumSettings | None:
     )
 
 
-def same_config(
+def config_differences(
     saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None, path: tuple[str, ...] = ()
-) -> bool:
-    """Equal, except that the RESUME_FREE keys are ignored, and so are keys the saved run predates
-    (added to fibecfed since) while they keep their default (`defaults`, the default config for
-    the same method): a run made before a switch existed ran as if it were at its default, so
-    turning the switch on is another run."""
+) -> list[str]:
+    """The dotted keys where `current` differs from `saved`, a run's saved config, in a resume's
+    eyes: the RESUME_FREE keys are ignored, and so are keys the saved run predates (added to
+    fibecfed since) while they keep their default (`defaults`, the default config for the same
+    method): a run made before a switch existed ran as if it were at its default, so turning the
+    switch on is another run."""
+    differences = []
     for key, value in saved.items():
-        if path + (key,) in RESUME_FREE:
+        here = path + (key,)
+        if here in RESUME_FREE:
             continue
         if key not in current:
-            return False
-        if isinstance(value, dict) and isinstance(current[key], dict):
+            differences.append(".".join(here))
+        elif isinstance(value, dict) and isinstance(current[key], dict):
             below = defaults.get(key) if isinstance(defaults, dict) else None
-            if not same_config(value, current[key], below if isinstance(below, dict) else None, path + (key,)):
-                return False
+            differences += config_differences(value, current[key], below if isinstance(below, dict) else None, here)
         elif value != current[key]:
-            return False
+            differences.append(".".join(here))
     if defaults is not None:
-        for key in current.keys() - saved.keys():
-            if path + (key,) not in RESUME_FREE and (key not in defaults or current[key] != defaults[key]):
-                return False
-    return True
+        for key in sorted(current.keys() - saved.keys()):
+            here = path + (key,)
+            if here not in RESUME_FREE and (key not in defaults or current[key] != defaults[key]):
+                differences.append(".".join(here))
+    return differences
+
+
+def same_config(
+    saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> bool:
+    """Whether a run saved with `saved` may go on under `current` (see config_differences)."""
+    return not config_differences(saved, current, defaults)
+
+
+def different_run_error(out: Path, differences: Sequence[str], start_over: str) -> ConfigError:
+    """The error for a folder that holds a run of another config, naming what differs."""
+    shown = ", ".join(differences[:6]) + (f" and {len(differences) - 6} more" if len(differences) > 6 else "")
+    return ConfigError(f"{out} holds a run with a different config (it differs in {shown}); use another --out, or {start_over}")
+
+
+def saved_config_differences(saved: dict[str, Any], config: RunConfig) -> list[str]:
+    """What differs between a run folder's saved config and `config`, defaults of the method considered."""
+    defaults = config_to_dict(load_config(None, [f"method={config.method.name}"]))
+    return config_differences(saved, config_to_dict(config), defaults)
+
+
+def data_fingerprint(prepared: Prepared) -> str:
+    """A hash of what the run trains and evaluates on: the label names, every sample's token ids
+    and label, and each device's train and test part. A resume refuses a folder whose run saw
+    other data (an edited data file, another tokenizer or prompt), which the config alone
+    cannot tell."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(list(prepared.task.label_names)).encode())
+    for encoded in (prepared.train, prepared.test):
+        digest.update(np.asarray([len(ids) for ids in encoded.input_ids], dtype=np.int64).tobytes())
+        digest.update(np.fromiter((t for ids in encoded.input_ids for t in ids), dtype=np.int64).tobytes())
+        digest.update(encoded.labels.to(torch.int64).numpy().tobytes())
+    digest.update(json.dumps([list(map(int, p)) for p in (*prepared.train_parts, *prepared.test_parts)]).encode())
+    return digest.hexdigest()[:32]
+
+
+def check_same_data(checkpoint: Mapping[str, Any], fingerprint: str, out: Path, start_over: str) -> None:
+    """Refuse to resume a run whose data changed since its checkpoint (checkpoints from before
+    the fingerprint existed go on unchecked)."""
+    saved = checkpoint.get("data_fingerprint")
+    if saved is not None and saved != fingerprint:
+        raise ConfigError(
+            f"{out} holds a run on other data: the data files, the model's tokenizer or the prompt changed "
+            f"since it started (the config is the same); use another --out, or {start_over}"
+        )
 
 
 def checkpoint_device_states(checkpoint: Mapping[str, Any]) -> dict[int, DeviceState]:
@@ -352,19 +391,22 @@ class Simulation:
         checkpoint = outputs.load_checkpoint(self.out / CHECKPOINT) if self.resume else None
         if checkpoint is None:
             return None
-        defaults = config_to_dict(load_config(None, [f"method={self.config.method.name}"]))
-        if not same_config(checkpoint["config"], config_to_dict(self.config), defaults):
-            raise ConfigError(
-                f"{self.out} holds a run with a different config; use another --out, or --fresh to start over"
-            )
+        differences = saved_config_differences(checkpoint["config"], self.config)
+        if differences:
+            raise different_run_error(self.out, differences, START_OVER)
         return checkpoint
 
     def run(self) -> dict[str, Any]:
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         checkpoint = self._check_existing()
-        outputs.write_json(self.out / "config.json", config_to_dict(cfg))
         prepared = prepare(cfg)
+        fingerprint = data_fingerprint(prepared)
+        if checkpoint is not None:
+            check_same_data(checkpoint, fingerprint, self.out, START_OVER)
+        # Written once the data and model loaded: a run refused before that leaves the folder's
+        # config.json describing the run that is there.
+        outputs.write_json(self.out / "config.json", config_to_dict(cfg))
         runner = prepared.runner
         num_classes = len(prepared.task.label_names)
         # The model as loaded: the run's initial global state (the initialisation phase scores with it).
@@ -378,7 +420,9 @@ class Simulation:
             store.restore(checkpoint_device_states(checkpoint))
             logger.info("resuming %s after round %d", self.out, checkpoint["round"])
         else:
-            # Device files of an earlier run in this folder (--fresh) are not this run's.
+            # An earlier run's checkpoint and device files in this folder (--fresh) are not this
+            # run's: gone only now that this run's data and model loaded.
+            (self.out / CHECKPOINT).unlink(missing_ok=True)
             shutil.rmtree(self.out / DEVICES, ignore_errors=True)
             store = DeviceStore(self.out / DEVICES, cfg.federation.device_cache)
             server = Server(settings, initial_state)
@@ -413,6 +457,7 @@ class Simulation:
                 {
                     "format": CHECKPOINT_FORMAT,
                     "config": config_to_dict(cfg),
+                    "data_fingerprint": fingerprint,
                     "changed_devices": {k: state_to_payload(v) for k, v in store.staged().items()},
                     **server.to_checkpoint(),
                 },

@@ -213,3 +213,97 @@ def test_real_command(tmp_path, args, expected):
     assert (result.returncode, result.stderr) == (2, expected.format(tmp=tmp_path))
     assert result.stdout == ""
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by a review as a new user (2026-11-27): each was a traceback, a lost run or a silent mix.
+
+
+def test_a_bad_prompt_template_is_refused_before_fresh_touches_the_folder(capsys, tmp_path, tiny_decoder_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    previous = {"checkpoint.pt": b"previous checkpoint", "config.json": b'{"seed": 0}'}
+    for name, content in previous.items():
+        (out / name).write_bytes(content)
+    code, line = _main(capsys, "--fresh", "--out", str(out), *_files(tmp_path, GOOD_ROWS),
+                       f"model.name={tiny_decoder_dir}", "model.prompt_template=no placeholder")
+    assert (code, line) == (2, "error: model.prompt_template must contain {text}")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == previous
+
+
+def test_an_out_that_cannot_be_a_folder(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    code, line = _main(capsys, "--out", str(afile), *_files(tmp_path, GOOD_ROWS))
+    assert code == 2
+    assert line.startswith(f"error: cannot use {afile} as the run folder (--out): ")
+    assert afile.read_text() == "not a folder"
+
+
+def test_min_samples_below_one(capsys, tmp_path):
+    code, line = _main(capsys, "--out", str(tmp_path / "out"), *_files(tmp_path, GOOD_ROWS), "partition.min_samples=0")
+    assert (code, line) == (2, "error: invalid config: partition.min_samples must be >= 1, got 0")
+
+
+def test_a_label_column_that_holds_text(capsys, tmp_path):
+    rows = "text\tlabel\n" + "".join(f"{'pos' if i % 2 else 'neg'}\tsentence number {i}\n" for i in range(60))
+    code, line = _main(capsys, "--out", str(tmp_path / "out"), *_files(tmp_path, rows))
+    assert code == 2
+    assert line == ("error: column `label` of train.tsv has 60 distinct values in 60 rows: it looks "
+                    "like text, not labels (wrong data.label_column or data.text_column?); if these are the "
+                    "classes, list them in data.labels")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--methods", "fibecfed[method.layers.share=0.3"],
+         "error: --methods 'fibecfed[method.layers.share=0.3': a '[' without its ']' (write NAME[key=value;key=value])"),
+        (["--methods", "fedavg]"], "error: --methods 'fedavg]': a ']' without its '[' (write NAME[key=value;key=value])"),
+        (["--methods", "fedavg", "--target", "1.5"], "error: --target must be a accuracy score, in [0, 1], got 1.5"),
+        (["--methods", "fedavg", "--metric", "mcc", "--personalized-target", "-2"],
+         "error: --personalized-target must be a mcc score, in [-1, 1], got -2.0"),
+        (["--methods", "fedavg", "--target-share", "-1"], "error: --target-share must be in (0, 1], got -1.0"),
+    ],
+)
+def test_compare_flags(capsys, tmp_path, flags, expected):
+    out = tmp_path / "cmp"
+    code, line = _main(capsys, "compare", "--no-progress", "--out", str(out), *flags, *_files(tmp_path, GOOD_ROWS))
+    assert (code, line) == (2, expected)
+    assert not out.exists()
+
+
+def test_compare_refuses_a_run_folder_of_another_config_before_any_run(capsys, tmp_path):
+    """--report-only would have reported the runs under the new settings, and a run would have
+    failed only when its turn came."""
+    from fibecfed.config import config_to_dict, load_config
+    from fibecfed.outputs import write_json
+
+    overrides = _files(tmp_path, GOOD_ROWS)
+    run_dir = tmp_path / "cmp" / "fedavg" / "seed0"
+    run_dir.mkdir(parents=True)
+    write_json(run_dir / "config.json", config_to_dict(load_config(None, [*overrides, "method=fedavg", "seed=0"])))
+    (run_dir / "summary.json").write_text("{}")
+    for extra in ([], ["--report-only"]):
+        code, line = _main(capsys, "compare", "--no-progress", "--out", str(tmp_path / "cmp"), "--methods", "fedavg",
+                           *extra, *overrides, "federation.bandwidth_mbps=1000", "train.batch_size=4")
+        assert (code, line) == (2, f"error: {run_dir} holds a run with a different config (it differs in "
+                                   "train.batch_size, federation.bandwidth_mbps); use another --out, or delete that "
+                                   "folder to run it again")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "summary.json"]
+
+
+def test_an_interrupted_run_without_out_says_which_out_resumes_it(capsys, tmp_path, monkeypatch):
+    from fibecfed import runtimes
+
+    def interrupted(config, out, progress=False, fresh=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runtimes, "run", interrupted)
+    assert cli.main(["run", "--no-progress", *_files(tmp_path, GOOD_ROWS)]) == 130
+    err = capsys.readouterr().err.splitlines()
+    (folder,) = list((tmp_path / "runs").iterdir())
+    assert err[-1] == f"interrupted; to resume from the last completed round, run the same command with --out runs/{folder.name}"
+    assert cli.main(["run", "--no-progress", "--out", str(folder), *_files(tmp_path, GOOD_ROWS)]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted; run the same command again to resume from the last completed round"

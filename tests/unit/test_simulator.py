@@ -462,3 +462,47 @@ def test_online_refresh_rescores_exactly_the_trained_samples(tiny_encoder_dir):
             expected = by_global[i] if index in batch else by_initial[i]
             assert torch.isclose(after[i], expected, rtol=1e-4), (normalize, index)
         assert batch and not torch.allclose(by_global, by_initial)
+
+
+def test_resume_refuses_a_run_whose_data_file_changed(tiny_encoder_dir, tmp_path):
+    """Same config, edited data file: the checkpoint's data fingerprint no longer matches, so the
+    run is refused instead of going on (or crashing on a head of another shape) with other data."""
+    from fibecfed.errors import ConfigError
+
+    data = tmp_path / "train.tsv"
+    rows = "".join(f"sentence number {i} is {'good' if i % 2 else 'bad'}\t{'pos' if i % 2 else 'neg'}\n" for i in range(40))
+    data.write_text("text\tlabel\n" + rows)
+    extra = ["data.name=files", f"data.train_file={data}", "partition.num_devices=2"]
+    _run(tiny_encoder_dir, tmp_path / "run", extra, rounds=1)
+    _run(tiny_encoder_dir, tmp_path / "run", extra, rounds=1)  # the same data: the finished run, again
+    data.write_text("text\tlabel\n" + rows + "one more sentence\tpos\n")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match=r"holds a run on other data: the data files, the model's tokenizer or the prompt changed"):
+        _run(tiny_encoder_dir, tmp_path / "run", extra, rounds=1)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+
+
+def test_a_fresh_run_replaces_the_checkpoint_only_once_its_model_loaded(tiny_encoder_dir, tmp_path, monkeypatch):
+    _run(tiny_encoder_dir, tmp_path, rounds=1)
+    old = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+
+    def fails(config):
+        raise RuntimeError("the model does not load")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sim_module, "prepare", fails)
+        with pytest.raises(RuntimeError, match="does not load"):
+            Simulation(load_config(None, tiny_run_overrides(tiny_encoder_dir, 1) + ["train.lr=0.5"]), tmp_path, resume=False).run()
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["config"] == old["config"]
+    assert json.loads((tmp_path / "config.json").read_text()) == old["config"]
+    Simulation(load_config(None, tiny_run_overrides(tiny_encoder_dir, 1) + ["train.lr=0.5"]), tmp_path, resume=False).run()
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["config"]["train"]["lr"] == 0.5
+
+
+def test_config_differences_name_the_keys():
+    from fibecfed.simulator import config_differences
+
+    saved = {"a": 1, "m": {"x": 2, "y": 3}, "gone": 0}
+    assert config_differences(saved, {"a": 1, "m": {"x": 5, "y": 3, "new": True}}, {"a": 0, "m": {"x": 0, "y": 0, "new": False}}) == [
+        "m.x", "m.new", "gone"]
+    assert config_differences(saved, {"a": 1, "m": {"x": 2, "y": 3}, "gone": 0}) == []

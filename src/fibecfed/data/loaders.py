@@ -54,6 +54,7 @@ def _resolve_format(path: Path, format: str) -> str:
     if fmt is None:
         raise DataError(
             f"cannot tell the format of {path} from its name; set data.format to tsv, csv or jsonl"
+            + (" (JSONL: one JSON object per line; a single JSON array is not read)" if path.suffix.lower() == ".json" else "")
         )
     return fmt
 
@@ -149,7 +150,8 @@ def _read_jsonl(handle: TextIO, path: Path) -> tuple[list[str], list[Row], list[
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {line_number} is not valid JSON: {exc.msg}") from None
+            hint = " (JSONL holds one JSON object per line, not one JSON array)" if line.lstrip().startswith("[") else ""
+            raise DataError(f"{path} line {line_number} is not valid JSON: {exc.msg}{hint}") from None
         except (ValueError, RecursionError) as exc:
             # json raises plain ValueError for an integer of over 4,300 digits, RecursionError
             # for thousands of nested brackets.
@@ -158,6 +160,7 @@ def _read_jsonl(handle: TextIO, path: Path) -> tuple[list[str], list[Row], list[
         if not isinstance(record, dict):
             raise DataError(
                 f"{path} line {line_number}: expected a JSON object, found {type(record).__name__}"
+                + (" (JSONL holds one JSON object per line, not one JSON array)" if isinstance(record, list) else "")
             )
         columns.update(dict.fromkeys(record))
         rows.append({key: _cell_text(value) for key, value in record.items()})
@@ -642,6 +645,22 @@ def _check_label_count(label_names: Sequence[str], source: str, column: str, con
     )
 
 
+# More distinct labels than this, and more than one per two rows: the column holds text, not labels.
+MAX_UNLISTED_LABELS = 50
+
+
+def _check_labels_look_like_labels(label_names: Sequence[str], rows: int, source: str, column: str, configured: bool) -> None:
+    # Swapped text and label columns would otherwise train a classifier over thousands of
+    # "classes" and report a meaningless score. A task with that many classes can list them.
+    if configured or len(label_names) <= MAX_UNLISTED_LABELS or 2 * len(label_names) <= rows:
+        return
+    raise DataError(
+        f"column `{column}` of {source} has {len(label_names)} distinct values in {rows} rows: it looks like "
+        "text, not labels (wrong data.label_column or data.text_column?); if these are the classes, list them "
+        "in data.labels"
+    )
+
+
 def load_task(cfg: DataConfig, seed: int) -> TaskData:
     """Load the train and test splits that `cfg` describes; random steps derive from `seed`.
 
@@ -665,6 +684,7 @@ def load_task(cfg: DataConfig, seed: int) -> TaskData:
     )
     label_names = infer_label_names(train_labels, cfg.labels or source.labels)
     _check_label_count(label_names, source.train.source, columns.label, cfg.labels is not None)
+    _check_labels_look_like_labels(label_names, len(train_labels), source.train.source, columns.label, cfg.labels is not None)
     label_of = label_index(label_names, train_labels)
     train = build_dataset(
         source.train.rows, source.train.source, columns, label_names, label_of, source.train.lines

@@ -21,7 +21,17 @@ from fibecfed.config import RunConfig, config_to_dict, load_config
 from fibecfed.errors import ConfigError
 from fibecfed.flower import records
 from fibecfed.flower.strategy import FibecFedStrategy
-from fibecfed.simulator import CHECKPOINT, prepare, same_config, write_run_outputs
+from fibecfed.simulator import (
+    CHECKPOINT,
+    check_same_data,
+    different_run_error,
+    prepare,
+    saved_config_differences,
+    write_run_outputs,
+)
+
+# A deployment's run folder is the ServerApp's: starting over means deleting its checkpoint.
+START_OVER = "delete its checkpoint.pt to start over (or, with the fibecfed CLI, --fresh)"
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +44,12 @@ def run_server(grid: Grid, config: RunConfig, out: Path, timeout: float | None =
     timeout = config.federation.device_timeout_s if timeout is None else timeout
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = existing_checkpoint(config, out)
-    outputs.write_json(out / "config.json", config_to_dict(config))
     prepared = prepare(config)
     strategy = FibecFedStrategy(config, prepared, out / "metrics.jsonl", timeout=timeout, checkpoint_path=out / CHECKPOINT)
+    if checkpoint is not None:
+        check_same_data(checkpoint, strategy.data_fingerprint, out, START_OVER)
+    # Written once the data and model loaded (as the in-process runtime does).
+    outputs.write_json(out / "config.json", config_to_dict(config))
     if checkpoint is not None:
         strategy.resume(checkpoint)
         # metrics.jsonl may hold a row of the round the checkpoint lacks: the round is redone.
@@ -63,11 +76,9 @@ def existing_checkpoint(config: RunConfig, out: Path) -> dict[str, Any] | None:
     if checkpoint.get("runtime") != "flower":
         raise ConfigError(f"{out} holds a run of the in-process runtime; resume it with federation.runtime=inprocess, "
                           "or use another out folder (or delete its checkpoint.pt to start over)")
-    defaults = config_to_dict(load_config(None, [f"method={config.method.name}"]))
-    if not same_config(checkpoint["config"], config_to_dict(config), defaults):
-        raise ConfigError(
-            f"{out} holds a run with a different config; use another out folder, or delete its checkpoint.pt to start over"
-        )
+    differences = saved_config_differences(checkpoint["config"], config)
+    if differences:
+        raise different_run_error(out, differences, START_OVER)
     return checkpoint
 
 

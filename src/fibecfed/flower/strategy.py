@@ -38,7 +38,7 @@ from fibecfed.federated import DeviceUpdate
 from fibecfed.flower import records
 from fibecfed.layers import transformer_layers
 from fibecfed.server import LayerProbe, MeasuredTransfer, ProbeRequest, RoundPlan, RoundResult, Server, server_settings
-from fibecfed.simulator import Prepared, central_evaluation, personalized_metrics
+from fibecfed.simulator import Prepared, central_evaluation, data_fingerprint, personalized_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ class FibecFedStrategy(Strategy):
         # The model as loaded: the run's initial global state; every node rebuilds the same one.
         self.initial_state = prepared.runner.state()
         self.initial_fingerprint = records.state_fingerprint(self.initial_state)
+        # What the run trains on: a resume refuses a checkpoint made on other data.
+        self.data_fingerprint = data_fingerprint(prepared)
         num_devices = len(prepared.train_parts)
         self.settings = server_settings(config, num_devices, len(transformer_layers(prepared.runner.loaded.model)))
         self.server = Server(self.settings, self.initial_state)
@@ -97,6 +99,7 @@ class FibecFedStrategy(Strategy):
         return {
             **self.server.to_checkpoint(),
             "config": config_to_dict(self.config),
+            "data_fingerprint": self.data_fingerprint,
             "runtime": "flower",
             "run_id": self.run_id,
             "held": {device: sorted(keys) for device, keys in self.held.items()},
