@@ -66,10 +66,16 @@ def make_folder(out: Path) -> None:
 
 
 def resume_hint(args: argparse.Namespace) -> str:
-    """How to go on after an interrupt: the same command, with the folder named if it was not."""
+    """How to go on after an interrupt: the same command, with the folder named if it was not,
+    and without --fresh (which would start over again)."""
     out = getattr(args, "resolved_out", None)
+    changes = []
+    if getattr(args, "fresh", False):
+        changes.append("without --fresh")
     if out is not None and not args.out:
-        return f"interrupted; to resume from the last completed round, run the same command with --out {out}"
+        changes.append(f"with --out {out}")
+    if changes:
+        return f"interrupted; to resume from the last completed round, run the same command {' and '.join(changes)}"
     return "interrupted; run the same command again to resume from the last completed round"
 
 

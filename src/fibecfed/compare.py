@@ -767,7 +767,7 @@ def compare(
     lowest = -1.0 if metric == "mcc" else 0.0
     for flag, value in (("--target", target), ("--personalized-target", personalized_target)):
         if value is not None and not lowest <= value <= 1.0:
-            raise ConfigError(f"{flag} must be a {metric} score, in [{lowest:g}, 1], got {value}")
+            raise ConfigError(f"{flag} must be in [{lowest:g}, 1] (the {metric} scale), got {value}")
     if not 0.0 < target_share <= 1.0:
         raise ConfigError(f"--target-share must be in (0, 1], got {target_share}")
     out = Path(out_dir)
@@ -880,9 +880,13 @@ def compare(
 def check_run_folder(run_dir: Path, config: RunConfig) -> None:
     """Refuse a method's run folder that holds a run of another config (its config.json, written
     when a run starts): resuming it would mix two runs, and a report would give one the other's
-    settings. Folders without config.json (results committed without it) are not checked."""
+    settings. Only a folder with a checkpoint or a summary holds a run: a config.json alone is
+    left by a run that failed before its first round, which a run simply starts over. Folders
+    without config.json (results committed without it) are not checked."""
     from fibecfed.simulator import different_run_error, saved_config_differences
 
+    if not ((run_dir / "checkpoint.pt").is_file() or (run_dir / "summary.json").is_file()):
+        return
     try:
         saved = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
@@ -891,7 +895,7 @@ def check_run_folder(run_dir: Path, config: RunConfig) -> None:
         return
     differences = saved_config_differences(saved, config)
     if differences:
-        raise different_run_error(run_dir, differences, "delete that folder to run it again")
+        raise different_run_error(run_dir, differences, "use another --out, or delete that folder to run it again")
 
 
 def _folder_name(label: str) -> str:

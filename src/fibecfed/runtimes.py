@@ -15,13 +15,11 @@ def run(config: RunConfig, out: str | Path, progress: bool = False, fresh: bool 
     runtime the virtual nodes keep the devices' states in `out/node-states`, so that they survive
     the run's processes."""
     if config.federation.runtime == "flower":
-        if fresh:
-            (Path(out) / "checkpoint.pt").unlink(missing_ok=True)
         try:
             from fibecfed.flower.simulation import run_flower_simulation
         except ImportError as exc:
             raise FibecfedError(f"{exc} (or set federation.runtime=inprocess)") from None
-        return run_flower_simulation(config, out, state_dir=Path(out) / "node-states")
+        return run_flower_simulation(config, out, state_dir=Path(out) / "node-states", fresh=fresh)
     from fibecfed.simulator import Simulation
 
     return Simulation(config, out, progress=progress, resume=not fresh).run()

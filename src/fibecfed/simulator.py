@@ -60,7 +60,7 @@ DEVICES = "devices"
 # Config keys that change how a run is carried out, not its results: a run resumes with other values.
 RESUME_FREE = (("federation", "device_cache"),)
 # How a refused resume can start over instead (fibecfed run; compare names its own way).
-START_OVER = "--fresh to start over (fibecfed run), or delete the folder"
+START_OVER = "use another --out, or start over: --fresh (fibecfed run) or delete the folder (compare)"
 
 
 @dataclass
@@ -205,9 +205,10 @@ def same_config(
 
 
 def different_run_error(out: Path, differences: Sequence[str], start_over: str) -> ConfigError:
-    """The error for a folder that holds a run of another config, naming what differs."""
+    """The error for a folder that holds a run of another config, naming what differs;
+    `start_over` says what to do instead (which depends on the command)."""
     shown = ", ".join(differences[:6]) + (f" and {len(differences) - 6} more" if len(differences) > 6 else "")
-    return ConfigError(f"{out} holds a run with a different config (it differs in {shown}); use another --out, or {start_over}")
+    return ConfigError(f"{out} holds a run with a different config (it differs in {shown}); {start_over}")
 
 
 def saved_config_differences(saved: dict[str, Any], config: RunConfig) -> list[str]:
@@ -237,8 +238,8 @@ def check_same_data(checkpoint: Mapping[str, Any], fingerprint: str, out: Path, 
     saved = checkpoint.get("data_fingerprint")
     if saved is not None and saved != fingerprint:
         raise ConfigError(
-            f"{out} holds a run on other data: the data files, the model's tokenizer or the prompt changed "
-            f"since it started (the config is the same); use another --out, or {start_over}"
+            f"{out} holds a run on other data: the data files, the model's tokenizer, the prompt or the partition "
+            f"(which another numpy may draw differently) changed since it started, under the same config; {start_over}"
         )
 
 

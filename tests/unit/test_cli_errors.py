@@ -260,9 +260,9 @@ def test_a_label_column_that_holds_text(capsys, tmp_path):
         (["--methods", "fibecfed[method.layers.share=0.3"],
          "error: --methods 'fibecfed[method.layers.share=0.3': a '[' without its ']' (write NAME[key=value;key=value])"),
         (["--methods", "fedavg]"], "error: --methods 'fedavg]': a ']' without its '[' (write NAME[key=value;key=value])"),
-        (["--methods", "fedavg", "--target", "1.5"], "error: --target must be a accuracy score, in [0, 1], got 1.5"),
+        (["--methods", "fedavg", "--target", "1.5"], "error: --target must be in [0, 1] (the accuracy scale), got 1.5"),
         (["--methods", "fedavg", "--metric", "mcc", "--personalized-target", "-2"],
-         "error: --personalized-target must be a mcc score, in [-1, 1], got -2.0"),
+         "error: --personalized-target must be in [-1, 1] (the mcc scale), got -2.0"),
         (["--methods", "fedavg", "--target-share", "-1"], "error: --target-share must be in (0, 1], got -1.0"),
     ],
 )
@@ -291,6 +291,11 @@ def test_compare_refuses_a_run_folder_of_another_config_before_any_run(capsys, t
                                    "train.batch_size, federation.bandwidth_mbps); use another --out, or delete that "
                                    "folder to run it again")
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "summary.json"]
+    # A config.json alone is left by a run that failed before its first round: no run to protect.
+    (run_dir / "summary.json").unlink()
+    code, line = _main(capsys, "compare", "--no-progress", "--out", str(tmp_path / "cmp"), "--methods", "fedavg",
+                       "--report-only", *overrides, "train.batch_size=4")
+    assert (code, line) == (2, f"error: no finished run in {run_dir}; run the comparison without --report-only")
 
 
 def test_an_interrupted_run_without_out_says_which_out_resumes_it(capsys, tmp_path, monkeypatch):
@@ -307,3 +312,7 @@ def test_an_interrupted_run_without_out_says_which_out_resumes_it(capsys, tmp_pa
     assert err[-1] == f"interrupted; to resume from the last completed round, run the same command with --out runs/{folder.name}"
     assert cli.main(["run", "--no-progress", "--out", str(folder), *_files(tmp_path, GOOD_ROWS)]) == 130
     assert capsys.readouterr().err.splitlines()[-1] == "interrupted; run the same command again to resume from the last completed round"
+    # Run again as it was, --fresh would start over again.
+    assert cli.main(["run", "--no-progress", "--fresh", *_files(tmp_path, GOOD_ROWS)]) == 130
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        "interrupted; to resume from the last completed round, run the same command without --fresh and with --out runs/")

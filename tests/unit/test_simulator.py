@@ -477,7 +477,7 @@ def test_resume_refuses_a_run_whose_data_file_changed(tiny_encoder_dir, tmp_path
     _run(tiny_encoder_dir, tmp_path / "run", extra, rounds=1)  # the same data: the finished run, again
     data.write_text("text\tlabel\n" + rows + "one more sentence\tpos\n")
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
-    with pytest.raises(ConfigError, match=r"holds a run on other data: the data files, the model's tokenizer or the prompt changed"):
+    with pytest.raises(ConfigError, match=r"holds a run on other data: the data files, the model's tokenizer, the prompt or the partition \(which another numpy may draw differently\) changed since it started, under the same config; use another --out, or start over: --fresh"):
         _run(tiny_encoder_dir, tmp_path / "run", extra, rounds=1)
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
 

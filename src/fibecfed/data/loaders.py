@@ -684,7 +684,9 @@ def load_task(cfg: DataConfig, seed: int) -> TaskData:
     )
     label_names = infer_label_names(train_labels, cfg.labels or source.labels)
     _check_label_count(label_names, source.train.source, columns.label, cfg.labels is not None)
-    _check_labels_look_like_labels(label_names, len(train_labels), source.train.source, columns.label, cfg.labels is not None)
+    # Labels the config or the dataset itself declares (a Hugging Face ClassLabel) are labels.
+    declared = cfg.labels is not None or source.labels is not None
+    _check_labels_look_like_labels(label_names, len(train_labels), source.train.source, columns.label, declared)
     label_of = label_index(label_names, train_labels)
     train = build_dataset(
         source.train.rows, source.train.source, columns, label_names, label_of, source.train.lines

@@ -31,23 +31,26 @@ from fibecfed.simulator import (
 )
 
 # A deployment's run folder is the ServerApp's: starting over means deleting its checkpoint.
-START_OVER = "delete its checkpoint.pt to start over (or, with the fibecfed CLI, --fresh)"
+START_OVER = "use another out folder, or delete its checkpoint.pt to start over (with the fibecfed CLI: another --out, or --fresh)"
 
 logger = logging.getLogger(__name__)
 
 
-def run_server(grid: Grid, config: RunConfig, out: Path, timeout: float | None = None) -> dict[str, Any]:
+def run_server(grid: Grid, config: RunConfig, out: Path, timeout: float | None = None, fresh: bool = False) -> dict[str, Any]:
     """The whole run on the server side; returns the summary (also in out/summary.json).
 
     `timeout` (default: federation.device_timeout_s) bounds each round's wait for replies.
     """
     timeout = config.federation.device_timeout_s if timeout is None else timeout
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = existing_checkpoint(config, out)
+    checkpoint = None if fresh else existing_checkpoint(config, out)
     prepared = prepare(config)
     strategy = FibecFedStrategy(config, prepared, out / "metrics.jsonl", timeout=timeout, checkpoint_path=out / CHECKPOINT)
     if checkpoint is not None:
         check_same_data(checkpoint, strategy.data_fingerprint, out, START_OVER)
+    if fresh:
+        # An earlier run's checkpoint is not this run's: gone only now that this run's data and model loaded.
+        (out / CHECKPOINT).unlink(missing_ok=True)
     # Written once the data and model loaded (as the in-process runtime does).
     outputs.write_json(out / "config.json", config_to_dict(config))
     if checkpoint is not None:
@@ -89,14 +92,15 @@ def config_from_run_config(run_config: dict[str, Any]) -> tuple[RunConfig, Path]
     return config, Path(str(run_config.get("out", "runs/flower")))
 
 
-def make_server_app(config: RunConfig | None = None, out: Path | None = None) -> ServerApp:
-    """A ServerApp for `config` and `out`, or (None) for those of Flower's run config."""
+def make_server_app(config: RunConfig | None = None, out: Path | None = None, fresh: bool = False) -> ServerApp:
+    """A ServerApp for `config` and `out`, or (None) for those of Flower's run config; `fresh`:
+    ignore a checkpoint in `out` and start over."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg, folder = (config, out) if config is not None else config_from_run_config(dict(context.run_config))
-        run_server(grid, cfg, Path(folder))
+        run_server(grid, cfg, Path(folder), fresh=fresh)
 
     return app
 

@@ -26,24 +26,27 @@ def num_devices(config: RunConfig) -> int:
 
 def run_flower_simulation(
     config: RunConfig, out: str | Path, *, cpus_per_node: float = 1.0, state_dir: str | Path | None = None,
-    client_app: Any = None,
+    client_app: Any = None, fresh: bool = False,
 ) -> dict[str, Any]:
     """Run `config` with the ServerApp and ClientApp on Flower's simulation runtime; returns
-    the summary. `client_app`: another ClientApp (tests), default fibecfed's."""
+    the summary. `client_app`: another ClientApp (tests), default fibecfed's. `fresh`: start
+    over, whatever checkpoint `out` holds (replaced once the ServerApp's data and model loaded)."""
     from flwr.simulation import run_simulation
 
     from fibecfed.flower.client_app import make_client_app
     from fibecfed.flower.server_app import make_server_app
 
     out = Path(out)
-    (out / "summary.json").unlink(missing_ok=True)
+    summary = out / "summary.json"
+    # A summary left by an earlier run in `out` must not pass for this run's (it stays if this
+    # run is refused: the folder's run is then still that one).
+    before = summary.stat().st_mtime_ns if summary.is_file() else None
     run_simulation(
-        server_app=make_server_app(config, out),
+        server_app=make_server_app(config, out, fresh=fresh),
         client_app=client_app if client_app is not None else make_client_app(state_dir),
         num_supernodes=num_devices(config),
         backend_config={"client_resources": {"num_cpus": cpus_per_node, "num_gpus": 0.0}},
     )
-    summary = out / "summary.json"
-    if not summary.is_file():
+    if not summary.is_file() or summary.stat().st_mtime_ns == before:
         raise FibecfedError(f"the Flower simulation ended without {summary}; see the log above for the ServerApp's error")
     return json.loads(summary.read_text())
