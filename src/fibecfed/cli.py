@@ -68,6 +68,8 @@ def make_folder(out: Path) -> None:
 def resume_hint(args: argparse.Namespace) -> str:
     """How to go on after an interrupt: the same command, with the folder named if it was not,
     and without --fresh (which would start over again)."""
+    if args.command == "export":
+        return "interrupted; run the same command again (it writes every device's folder anew)"
     out = getattr(args, "resolved_out", None)
     changes = []
     if getattr(args, "fresh", False):
@@ -100,7 +102,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if result else 1
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"run": cmd_run, "compare": cmd_compare}
+def cmd_export(args: argparse.Namespace) -> int:
+    from fibecfed.export import export_device_adapters
+
+    written = export_device_adapters(args.run, args.devices, args.out)
+    for device, info in written.items():
+        what = f"{info['own_entries']} entries of its own" if info["trained"] else "never trained: the global model"
+        print(f"device {device}: {info['folder']} ({what})")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"run": cmd_run, "compare": cmd_compare, "export": cmd_export}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--no-progress", action="store_true", help="no progress bars")
     cmp.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs, run nothing")
     cmp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every method")
+
+    exp = sub.add_parser("export", help="write each device's own model (its personal layers over the global ones) "
+                                        "of an in-process run as a peft adapter")
+    exp.add_argument("run", help="the run folder (fibecfed run --out)")
+    exp.add_argument("--devices", default="all", help="comma-separated device numbers, or all (default)")
+    exp.add_argument("--out", help="where to write device-<d>/ folders (default: RUN/device-adapters)")
     return parser
 
 
@@ -149,6 +167,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extras:
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
         args.overrides = [*args.overrides, *extras]
     return args
 
