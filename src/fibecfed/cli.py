@@ -105,8 +105,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from fibecfed.export import export_device_adapters
 
-    written = export_device_adapters(args.run, args.devices, args.out)
-    for device, info in written.items():
+    result = export_device_adapters(args.run, args.devices, args.out)
+    score = result["personalized_accuracy"]
+    print(f"each device's own model after round {result['round']} of {args.run}"
+          + (f" (pooled personalised accuracy {score:.3f})" if score is not None else " (a round that was not evaluated)"))
+    for device, info in result["devices"].items():
         what = f"{info['own_entries']} entries of its own" if info["trained"] else "never trained: the global model"
         print(f"device {device}: {info['folder']} ({what})")
     return 0

@@ -8,8 +8,8 @@ what a real device would deploy). This writes that model for each device, in pef
 
 from __future__ import annotations
 
-import json
 import logging
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -31,8 +31,8 @@ def device_model_state(
 
     `aggregated_layers`: the last round's (its metrics row's `aggregated_layers`); None when it
     aggregated no chosen layers (FedAvg, where a device keeps nothing of its own, or a warm-up
-    round, where a device keeps every layer)."""
-    exchanged = set(aggregation_keys(global_state, aggregated_layers)) if aggregated_layers is not None else set()
+    round, where only the keys outside the layers travel and a device keeps every layer)."""
+    exchanged = set(aggregation_keys(global_state, aggregated_layers or []))
     unknown = sorted(set(personal) - set(global_state))
     if unknown:
         raise ValueError(f"personal entries {unknown[:3]} are not adapter keys of the run")
@@ -55,36 +55,47 @@ def parse_devices(text: str, num_devices: int) -> list[int]:
     return sorted(set(devices))
 
 
-def export_device_adapters(run_dir: str | Path, devices: str = "all", out_dir: str | Path | None = None) -> dict[int, dict]:
-    """Write each listed device's own model as a peft adapter, `out_dir/device-<d>/` (default
-    `run_dir/device-adapters`); return, per device, its folder and how many entries are its own."""
-    from fibecfed.simulator import CHECKPOINT, check_same_data, data_fingerprint, prepare, read_device_states
+def export_device_adapters(run_dir: str | Path, devices: str = "all", out_dir: str | Path | None = None) -> dict:
+    """Write each listed device's own model after the run's last completed round as a peft
+    adapter, `out_dir/device-<d>/` (default `run_dir/device-adapters`). Returns the round, its
+    pooled personalised accuracy (None if that round was not evaluated) and, per device, its
+    folder, how many entries are its own and whether it ever trained."""
+    from fibecfed.device_store import DeviceStore
+    from fibecfed.simulator import CHECKPOINT, DEVICES, check_same_data, checkpoint_device_states, data_fingerprint, prepare
 
     run_dir = Path(run_dir)
     checkpoint = outputs.load_checkpoint(run_dir / CHECKPOINT)
-    if checkpoint is None or not (run_dir / "config.json").is_file():
-        raise ConfigError(f"{run_dir} holds no run (no checkpoint.pt and config.json): give the folder a run wrote")
+    if checkpoint is None:
+        raise ConfigError(f"{run_dir} holds no run (no checkpoint.pt): give the folder a run wrote")
     if checkpoint.get("runtime") == "flower":
         raise ConfigError(f"{run_dir} is a run of the Flower runtime, whose nodes keep their own layers: export reads "
                           "in-process runs")
-    config = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    try:
+        # The config the checkpoint was made with (config.json says the same, unless edited).
+        config = config_from_dict(checkpoint["config"])
+    except ConfigError as exc:
+        raise ConfigError(f"{run_dir} holds a run of another fibecfed version: {exc}") from None
     prepared = prepare(config)
     check_same_data(checkpoint, data_fingerprint(prepared), run_dir, "export needs the data the run trained on")
     chosen = parse_devices(devices, len(prepared.train_parts))
-    states = read_device_states(run_dir)
-    aggregated = checkpoint["history"][-1].get("aggregated_layers")
+    # One device at a time from disk (the last round's changed devices are in the checkpoint,
+    # and newer than their files if the run was killed between the two).
+    store, changed = DeviceStore(run_dir / DEVICES, cache_size=0), checkpoint_device_states(checkpoint)
+    last = checkpoint["history"][-1]
     out = Path(out_dir) if out_dir is not None else run_dir / "device-adapters"
     runner = prepared.runner
     written = {}
     for device in chosen:
-        personal = states[device].personal if device in states else {}
-        state = device_model_state(checkpoint["global_state"], personal, aggregated)
+        trained = device in changed or device in store.devices()
+        personal = (changed[device] if device in changed else store.checkout(device)).personal
+        state = device_model_state(checkpoint["global_state"], personal, last.get("aggregated_layers"))
         own = sum(1 for k in state if k in personal and state[k] is personal[k])
         runner.load_state(state)
         folder = out / f"device-{device}"
+        shutil.rmtree(folder, ignore_errors=True)  # nothing of an earlier export left beside it
         # peft's own format, like the run's adapter/: PeftModel.from_pretrained(base_model, folder).
         runner.loaded.model.save_pretrained(folder)
         runner.loaded.tokenizer.save_pretrained(folder)
-        written[device] = {"folder": folder, "own_entries": own, "trained": device in states}
+        written[device] = {"folder": folder, "own_entries": own, "trained": trained}
         logger.info("device %d: %d own entries -> %s", device, own, folder)
-    return written
+    return {"round": checkpoint["round"], "personalized_accuracy": last.get("personalized_accuracy"), "devices": written}

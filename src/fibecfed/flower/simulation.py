@@ -40,13 +40,15 @@ def run_flower_simulation(
     summary = out / "summary.json"
     # A summary left by an earlier run in `out` must not pass for this run's (it stays if this
     # run is refused: the folder's run is then still that one).
-    before = summary.stat().st_mtime_ns if summary.is_file() else None
+    # (inode, mtime): outputs.atomic_write_text renames a new file over it, so a rewrite always
+    # changes the inode, even where the file system keeps coarse times.
+    before = (summary.stat().st_ino, summary.stat().st_mtime_ns) if summary.is_file() else None
     run_simulation(
         server_app=make_server_app(config, out, fresh=fresh),
         client_app=client_app if client_app is not None else make_client_app(state_dir),
         num_supernodes=num_devices(config),
         backend_config={"client_resources": {"num_cpus": cpus_per_node, "num_gpus": 0.0}},
     )
-    if not summary.is_file() or summary.stat().st_mtime_ns == before:
+    if not summary.is_file() or (summary.stat().st_ino, summary.stat().st_mtime_ns) == before:
         raise FibecfedError(f"the Flower simulation ended without {summary}; see the log above for the ServerApp's error")
     return json.loads(summary.read_text())
