@@ -1,7 +1,10 @@
 """One device's round and the server's aggregation step, shared by every runtime.
 
-Every runtime calls `device_round` and `aggregate_updates` (today the in-process simulator;
-a distributed runtime would only decode, call and encode).
+Every runtime's device side calls `device_round` (through `simulator.train_device`), and its
+server side `server.Server`, which checks the updates with `valid_updates` and aggregates them
+(`aggregation.weighted_average`, then the server optimiser's step); the in-process simulator
+and the Flower apps only decode, call and encode. `aggregate_updates` is plain FedAvg over the
+uploaded entries, without the server optimiser.
 """
 
 from __future__ import annotations

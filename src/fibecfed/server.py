@@ -16,7 +16,8 @@ through its Grid. Nothing here touches device data or device state.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from fibecfed.accounting import serialized_nbytes, simulated_round_seconds
 from fibecfed.adapters import AdapterState, layer_of_key
 from fibecfed.aggregation import UPDATE_PROBLEMS, ServerOptimizer, server_step, weighted_average
 from fibecfed.config import LayerSelectionConfig, RunConfig
+from fibecfed.errors import FibecfedError
 from fibecfed.federated import DeviceUpdate, ProbeSettings, SparseSettings, valid_updates
 from fibecfed.layers import aggregation_keys, combine_layer_scores, select_aggregation_layers
 
@@ -211,6 +213,24 @@ class LayerProbe:
     num_samples: int  # the device's training-set size: the weight of its scores
 
 
+def probe_problem(probe: LayerProbe, num_layers: int) -> str | None:
+    """Why the server cannot use a device's probe answer, or None: finite, non-negative (L,)
+    float scores (a sensitivity is a ratio of norms), a positive weight, finite seconds. A node
+    on another runtime may send anything; one bad answer must not end the run."""
+    scores = probe.scores
+    if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
+        return "layer scores are not a floating-point tensor"
+    if scores.shape != (num_layers,):
+        return f"layer scores have shape {tuple(scores.shape)}, expected ({num_layers},)"
+    if not bool(torch.isfinite(scores).all()) or bool((scores < 0).any()):
+        return f"layer scores must be finite and >= 0, got {scores.tolist()}"
+    if not isinstance(probe.num_samples, int) or probe.num_samples < 1:
+        return f"its weight (num_samples) must be a positive integer, got {probe.num_samples!r}"
+    if not math.isfinite(probe.seconds) or probe.seconds < 0:
+        return f"its probe time must be finite and >= 0, got {probe.seconds!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class ProbeRequest:
     """Before `round_num`'s plan: these devices measure the layer sensitivity of the global model."""
@@ -238,6 +258,9 @@ class RoundPlan:
     # Cost of the pre-round probe (ProbeRequest) per sampled device: seconds and upload bytes.
     probe_seconds: dict[int, float] = field(default_factory=dict)
     probe_upload: dict[int, int] = field(default_factory=dict)
+    # Per sampled device, what it downloads beyond `state`: the global adapter for a probe before
+    # the round, and the stale global values of non-exchanged keys it lacks (`Server.stale_values`).
+    extra_download: dict[int, int] = field(default_factory=dict)
     # Whether the server chose the layers before this round (from probes of the global model, or
     # a policy without scores): the round's metrics row reports the scores of that choice.
     chosen_before: bool = False
@@ -278,9 +301,17 @@ class Server:
         totals: dict[str, Any] | None = None,
         history: list[dict[str, Any]] | None = None,
         moments: dict[str, torch.Tensor] | None = None,
+        initial_state: AdapterState | None = None,
+        held: Mapping[int, Iterable[str]] | None = None,
     ):
         self.settings = settings
         self.global_state = dict(global_state)
+        # The run's initial global state, which every device rebuilds itself (the same model and
+        # seeded initialisation): a global value still equal to it costs no download. Default:
+        # `global_state`, a new run's.
+        self.initial_state = dict(global_state if initial_state is None else initial_state)
+        # Device -> the non-exchanged keys it holds values of (after its last kept update).
+        self.held = {int(d): set(keys) for d, keys in (held or {}).items()}
         self.round = round_num  # the last completed round (0: none yet)
         self.selection = initial_selection() if selection is None else selection
         self.totals = totals if totals is not None else {
@@ -292,8 +323,12 @@ class Server:
         self.moments = {} if moments is None else dict(moments)
 
     @classmethod
-    def from_checkpoint(cls, settings: ServerSettings, payload: Mapping[str, Any]) -> Server:
-        """The server as `to_checkpoint` saved it (a run resumes after `payload["round"]`)."""
+    def from_checkpoint(
+        cls, settings: ServerSettings, payload: Mapping[str, Any], initial_state: AdapterState | None = None
+    ) -> Server:
+        """The server as `to_checkpoint` saved it (a run resumes after `payload["round"]`);
+        `initial_state`: the run's initial global state (None: the saved global state stands in,
+        so no stale value is counted for download)."""
         return cls(
             settings,
             payload["global_state"],
@@ -304,6 +339,10 @@ class Server:
             history=payload["history"],
             # Checkpoints written before the server optimiser existed have no moments.
             moments=payload.get("server_moments", {}),
+            initial_state=payload["global_state"] if initial_state is None else initial_state,
+            # In-process checkpoints written before the server tracked it: devices hold nothing
+            # yet as far as the download count goes (an overcount, never an undercount).
+            held=payload.get("held", {}),
         )
 
     def to_checkpoint(self) -> dict[str, Any]:
@@ -314,11 +353,23 @@ class Server:
             "totals": self.totals,
             "server": self.selection,
             "server_moments": self.moments,
+            "held": {device: sorted(keys) for device, keys in self.held.items()},
         }
 
     @property
     def keys(self) -> list[str]:
         return list(self.global_state)
+
+    def stale_values(self, device: int, exchanged: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Global values of non-exchanged keys `device` lacks and cannot rebuild (not initial).
+
+        A device trains the keys it does not exchange from its own values, and from their global
+        values where it has none (its first round, or a layer that has just stopped being
+        aggregated): those must reach it, unless they are still the initial values it rebuilds.
+        """
+        skip = set(exchanged) | self.held.get(device, set())
+        return {k: v for k, v in self.global_state.items()
+                if k not in skip and not torch.equal(v, self.initial_state[k])}
 
     def record_start(self, evaluation: Mapping[str, Any]) -> dict[str, Any]:
         """Round 0: the starting point (the curve's first point, and the majority-rate check)."""
@@ -366,17 +417,33 @@ class Server:
         chosen_before = layers_due(s.layers, self.selection, round_num)
         if chosen_before:
             if s.layers.policy in PROBED_POLICIES:
-                answered = [d for d in sampled if probes is not None and d in probes]
-                if not answered:
-                    raise ValueError(f"round {round_num}: the layer choice needs the sampled devices' probes (probe_request)")
+                answered = []
+                for device in [d for d in sampled if probes is not None and d in probes]:
+                    problem = probe_problem(probes[device], s.num_layers)
+                    if problem is None:
+                        answered.append(device)
+                    else:
+                        logger.warning("round %d: device %d's layer probe is left out: %s", round_num, device, problem)
                 for device in answered:
                     probe_seconds[device] += probes[device].seconds
                     probe_upload[device] += serialized_nbytes({"layer_scores": probes[device].scores})
-                # Weighted by data size (method.md Part 2).
-                combined = combine_layer_scores([probes[d].scores for d in answered], [probes[d].num_samples for d in answered])
+                if answered:
+                    # Weighted by data size (method.md Part 2).
+                    combined = combine_layer_scores([probes[d].scores for d in answered], [probes[d].num_samples for d in answered])
+                elif self.selection["layers"] is not None:
+                    # A refresh nobody could measure: the layers stay, and the next round asks again.
+                    logger.warning("round %d: no sampled device sent a usable layer probe; the aggregation layers "
+                                   "stay %s", round_num, self.selection["layers"])
+                    combined = None
+                else:
+                    raise FibecfedError(
+                        f"round {round_num}: the first choice of aggregation layers needs the sampled devices' layer "
+                        f"probes, and none of the {len(sampled)} sent a usable one (see the warnings above)"
+                    )
             else:
                 combined = torch.zeros(s.num_layers)
-            self.selection = choose_before_round(s.layers, self.selection, combined, round_num, s.seed)
+            if combined is not None:
+                self.selection = choose_before_round(s.layers, self.selection, combined, round_num, s.seed)
         warmup = warming_up(s.layers, self.selection)
         chosen = self.selection["layers"]
         if warmup:
@@ -384,9 +451,16 @@ class Server:
             exchanged = aggregation_keys(self.keys, [])
         else:
             exchanged = self.keys if chosen is None else aggregation_keys(self.keys, chosen)
-        # Layers that join the aggregated ones this round start from the devices' own values.
-        joined = set(self.selection.get("joined") or []) if self.selection.get("layers_round") == round_num else set()
+        # Layers that join the aggregated ones this round start from the devices' own values; so
+        # do they in the rounds after, until a round aggregated them (no valid update came back).
+        pending = self.selection.get("layers_round") == round_num or self.selection.get("joined_unaggregated", False)
+        joined = set(self.selection.get("joined") or []) if pending else set()
         state = {k: self.global_state[k] for k in exchanged}
+        full_bytes = serialized_nbytes(self.global_state)
+        extra_download = {d: serialized_nbytes(self.stale_values(d, exchanged)) for d in sampled}
+        if chosen_before and s.layers.policy in PROBED_POLICIES:
+            for device in sampled:  # every sampled device got the probe request, with the global adapter
+                extra_download[device] += full_bytes
         return RoundPlan(
             round_num=round_num,
             devices=sampled,
@@ -399,9 +473,10 @@ class Server:
             aggregated_layers=None if warmup else chosen,
             state=state,
             download_bytes=serialized_nbytes(state),
-            full_bytes=serialized_nbytes(self.global_state),
+            full_bytes=full_bytes,
             probe_seconds=probe_seconds,
             probe_upload=probe_upload,
+            extra_download=extra_download,
             chosen_before=chosen_before,
         )
 
@@ -433,6 +508,12 @@ class Server:
             )
         if plan.probe is not None:
             self.selection = choose_after_probes(s.layers, self.selection, good, plan.round_num)
+        if plan.own_start_keys:
+            # Joined layers nobody aggregated yet keep starting from the devices' own values.
+            self.selection = {**self.selection, "joined_unaggregated": not good}
+        personal_keys = set(self.keys) - set(plan.exchanged_keys)
+        for u in good:  # a device whose update was rejected keeps the state it had before
+            self.held[u.device] = personal_keys
 
         # Per device: [compute s, download bytes, upload bytes, initialisation-phase s]. The
         # initialisation phase ran in the background from the start: it delays the device's
@@ -442,7 +523,7 @@ class Server:
             if measured is not None:
                 download, upload = measured.download[u.device], measured.upload[u.device]
             else:
-                download = plan.download_bytes
+                download = plan.download_bytes + plan.extra_download.get(u.device, 0)
                 upload = plan.probe_upload.get(u.device, 0) + serialized_nbytes(u.state)
                 if u.layer_scores is not None:
                     upload += serialized_nbytes({"layer_scores": u.layer_scores})
@@ -460,7 +541,8 @@ class Server:
             sim_round = max(sim_round, s.device_timeout_s)
         compute_round = max((c + max(0.0, bg - totals["compute_time_s"]) for c, _, _, bg in costs), default=0.0)
         upload_sizes = [u for _, _, u, _ in costs]
-        failed_downloads = [measured.download[d] if measured is not None else plan.download_bytes for d in failed]
+        failed_downloads = [measured.download[d] if measured is not None else plan.download_bytes + plan.extra_download.get(d, 0)
+                            for d in failures]
         download_sizes = [d for _, d, _, _ in costs] + failed_downloads
         totals["upload_bytes"] += sum(upload_sizes)
         totals["download_bytes"] += sum(download_sizes)

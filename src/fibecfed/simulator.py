@@ -415,7 +415,7 @@ class Simulation:
         settings = server_settings(cfg, len(prepared.train_parts), len(transformer_layers(runner.loaded.model)))
 
         if checkpoint is not None:
-            server = Server.from_checkpoint(settings, checkpoint)
+            server = Server.from_checkpoint(settings, checkpoint, initial_state=initial_state)
             store = DeviceStore(self.out / DEVICES, cfg.federation.device_cache)
             # A kill after the checkpoint but before (all) its device files: write them now.
             store.restore(checkpoint_device_states(checkpoint))
@@ -472,8 +472,21 @@ class Simulation:
         return self._finish(prepared, server.global_state, server.history)
 
     def _probe_global_model(self, prepared: Prepared, global_state: dict, request: ProbeRequest) -> dict[int, LayerProbe]:
-        """The requested devices' layer sensitivities (L,) of the global model, before the round."""
-        return {d: probe_device(self.config, prepared, d, request.round_num, global_state, request.settings) for d in request.devices}
+        """The requested devices' layer sensitivities (L,) of the global model, before the round.
+
+        A device whose probe raises is left out of the choice, as on Flower; if every device's
+        does, the first error is raised (the same code broke everywhere: a bug, not a device)."""
+        probes, errors = {}, []
+        for device in request.devices:
+            try:
+                probes[device] = probe_device(self.config, prepared, device, request.round_num, global_state, request.settings)
+            except Exception as exc:  # noqa: BLE001 - one device's failure must not end the run
+                logger.warning("device %d failed its layer probe in round %d (%s: %s); it is left out of the choice",
+                               device, request.round_num, type(exc).__name__, exc, exc_info=True)
+                errors.append(exc)
+        if errors and len(errors) == len(request.devices):
+            raise errors[0]
+        return probes
 
     def _train_devices(
         self, prepared: Prepared, plan: RoundPlan, global_state: dict, store: DeviceStore, initial_state: dict,

@@ -117,6 +117,7 @@ def local_train(
         for batch in batches:
             loss = loss_fn(batch)
             if not torch.isfinite(loss):
+                # The message starts "loss became": flower.strategy tells a device fault by it.
                 raise NonFiniteLossError(f"loss became {loss.item()} at local step {steps}")
             objective = loss
             if anchor:

@@ -125,6 +125,66 @@ def test_rounds_the_server_did_not_count_are_redone_from_their_start(tmp_path, o
     assert device_state(_context() if on_disk else context, folder, 0, "run", 1).personal["k"].tolist() == [1.0, 1.0]
 
 
+def test_a_late_round_still_running_when_the_next_starts_does_not_replace_its_state(tmp_path):
+    # Flower's simulation engine: round 2's message ran past the deadline (not counted); the
+    # device is sampled again in round 3, whose message started from a copy of the node's
+    # context taken before round 2 finished. Each writes its context back when it ends (round 2
+    # first: the device lock makes round 3 wait). Round 3 is counted: its state must be the one
+    # the node keeps, and on disk the state before it must be the one it started from.
+    import copy
+
+    from fibecfed.flower.client_app import device_state, keep_device_state
+
+    folder = tmp_path / "states"
+    node = _context()
+    keep_device_state(node, folder, 0, "run", _state(1), start=DeviceState())  # counted: 1
+    late, next_round = copy.deepcopy(node), copy.deepcopy(node)
+    start = device_state(late, folder, 0, "run", 1)
+    keep_device_state(late, folder, 0, "run", DeviceState(personal={"k": torch.full((2,), 20.0)}, participations=2), start)
+    start = device_state(next_round, folder, 0, "run", 1)  # the server still counts 1
+    assert start.personal["k"].tolist() == [1.0, 1.0]
+    keep_device_state(next_round, folder, 0, "run", DeviceState(personal={"k": torch.full((2,), 30.0)}, participations=2), start)
+    node = next_round  # the write-backs: the late round's, then this one's
+    assert device_state(node, folder, 0, "run", 2).personal["k"].tolist() == [30.0, 30.0]
+    restarted = _context()
+    assert device_state(restarted, folder, 0, "run", 2).personal["k"].tolist() == [30.0, 30.0]
+    # Not the late round's state, renamed as if this round had started from it.
+    assert device_state(restarted, folder, 0, "run", 1).personal["k"].tolist() == [1.0, 1.0]
+
+
+def test_the_device_lock_makes_a_second_round_of_the_same_device_wait(tmp_path):
+    import threading
+    import time
+
+    from fibecfed.flower.client_app import device_lock
+
+    events: list[str] = []
+    holding = threading.Event()
+
+    def first():
+        with device_lock(tmp_path, 0):
+            holding.set()
+            time.sleep(0.3)
+            events.append("first ends")
+
+    def second():
+        holding.wait()
+        with device_lock(tmp_path, 0):
+            events.append("second starts")
+
+    def other_device():
+        holding.wait()
+        with device_lock(tmp_path, 1):
+            events.append("device 1")
+
+    threads = [threading.Thread(target=f) for f in (first, second, other_device)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert events == ["device 1", "first ends", "second starts"]
+
+
 def test_a_flower_run_resumes_only_its_own_checkpoint(tmp_path):
     from fibecfed.config import config_to_dict, load_config
     from fibecfed.errors import ConfigError
@@ -168,3 +228,54 @@ def test_compare_names_the_rounds_whose_personalised_score_pooled_fewer_devices(
     ]
     assert short_personalized_rounds(rows) == [2]
     assert short_personalized_rounds([{"round": 1, "personalized_accuracy": 0.5}]) == []  # older runs
+
+
+def _reply(**fields) -> DeviceUpdate:
+    values = dict(device=2, state={}, num_samples=40, loss=0.7, compute_seconds=1.5, steps=5,
+                  personalized={"accuracy": 0.5}, personalized_count=10)
+    values.update(fields)
+    return DeviceUpdate(**values)
+
+
+@pytest.mark.parametrize(
+    "fields, problem",
+    [
+        ({}, None),
+        ({"num_samples": 400}, "it reports 400 training samples, but its partition holds 40"),
+        ({"num_samples": -3}, "it reports -3 training samples"),
+        ({"loss": float("nan")}, "its loss is nan"),
+        ({"compute_seconds": float("nan")}, "compute-seconds must be finite"),
+        ({"background_seconds": -1.0}, "background-seconds must be finite and >= 0"),
+        ({"curriculum_fraction": 1.5}, "curriculum-fraction must be in [0, 1]"),
+        ({"personalized": {"accuracy": float("inf")}}, "personalised scores are not finite"),
+    ],
+)
+def test_a_reply_with_numbers_the_server_cannot_use_is_refused(fields, problem):
+    from fibecfed.flower.strategy import reply_problem
+
+    update = _reply(**fields)
+    # The aggregation weight must be the partition's size, which the server knows.
+    expected = 40 if fields.get("num_samples", 40) > 0 else None
+    found = reply_problem(update, expected)
+    assert found is None if problem is None else problem in found
+
+
+def test_flower_stops_when_every_sampled_device_raised_but_not_for_device_faults():
+    from types import SimpleNamespace
+
+    from fibecfed.config import load_config
+    from fibecfed.errors import FibecfedError
+    from fibecfed.faults import round_faults
+    from fibecfed.flower.strategy import FibecFedStrategy
+
+    stop = FibecFedStrategy._stop_if_broken_everywhere
+    plain = SimpleNamespace(config=load_config(None, []))
+    broken = "<class 'RuntimeError'>:<'device 0: this node's initial adapter differs from the server's'>"
+    with pytest.raises(FibecfedError, match="every sampled device's ClientApp raised \\(2 of 2\\).*initial adapter differs"):
+        stop(plain, 3, [0, 1], {0: broken, 1: broken})
+    stop(plain, 3, [0, 1], {0: broken})  # device 1 trained, or timed out: the run goes on
+    stop(plain, 3, [0, 1], {0: broken, 1: "ClientAppException: loss became nan at local step 2"})  # a NaN loss is the device's
+    # Devices whose fault the server drew (federation.faults) raise by design.
+    faulty = SimpleNamespace(config=load_config(None, ["federation.faults.share=1.0", "federation.faults.kinds=[raise]"]))
+    assert round_faults(faulty.config.seed, 3, [0, 1], 1.0, ["raise"]) == {0: "raise", 1: "raise"}
+    stop(faulty, 3, [0, 1], {0: broken, 1: broken})

@@ -10,7 +10,8 @@ import torch
 from fibecfed.accounting import serialized_nbytes
 from fibecfed.config import LayerSelectionConfig
 from fibecfed.federated import DeviceUpdate
-from fibecfed.server import LayerProbe, MeasuredTransfer, Server, ServerSettings, sample_devices
+from fibecfed.errors import FibecfedError
+from fibecfed.server import LayerProbe, MeasuredTransfer, Server, ServerSettings, probe_problem, sample_devices
 
 HEAD = "base_model.model.classifier.weight"
 
@@ -88,6 +89,47 @@ def test_finish_round_averages_the_exchanged_keys_by_data_size():
     assert server.round == 2 and server.history == [row]
 
 
+def test_a_device_downloads_the_trained_global_values_of_a_layer_that_left_the_aggregated_ones():
+    # Layer 0 is aggregated in round 2, then the choice moves to layer 1. A device that holds no
+    # value of layer 0 of its own (it exchanged layer 0 in its rounds, or never took part) must
+    # download layer 0's global value, which is no longer the initial one it could rebuild; Flower
+    # sends it (strategy), and the simulator's byte count must include it too.
+    server = server_with_layers([0])
+    plan = server.plan_round(2)
+    a, b = plan.devices
+    assert plan.extra_download == {a: 0, b: 0}  # every non-exchanged global value is still the initial one
+    trained = {layer_key(0): torch.tensor([[7.0, 7.0]]), HEAD: torch.tensor([1.0, 1.0])}
+    server.finish_round(plan, [update(a, dict(trained), 1)], {b: "timeout"})
+    assert server.held == {a: {layer_key(1), layer_key(2), layer_key(3)}}
+    server.selection = {**server.selection, "layers": [1], "layers_round": 3, "joined": [1]}
+    plan = server.plan_round(3)
+    stale = serialized_nbytes({layer_key(0): server.global_state[layer_key(0)]})
+    for device in plan.devices:  # whoever is sampled lacks layer 0's trained value
+        assert plan.extra_download[device] == stale
+        assert set(server.stale_values(device, plan.exchanged_keys)) == {layer_key(0)}
+    result = server.finish_round(plan, [update(d, dict(plan.state), 1) for d in plan.devices], [])
+    assert [cost[1] for cost in result.fields["device_costs"]] == [plan.download_bytes + stale] * len(plan.devices)
+    # Afterwards they hold layer 0 (now theirs): nothing more to download for it.
+    assert all(server.stale_values(d, plan.exchanged_keys) == {} for d in plan.devices)
+    # The holdings survive a checkpoint.
+    resumed = Server.from_checkpoint(server.settings, server.to_checkpoint(), initial_state=global_state())
+    assert resumed.held == server.held
+    assert all(resumed.stale_values(d, plan.exchanged_keys) == {} for d in plan.devices)
+
+
+def test_joined_layers_start_from_the_devices_own_values_until_a_round_aggregates_them():
+    server = server_with_layers([0])
+    server.finish_round(server.plan_round(2), [], [])
+    server.selection = {**server.selection, "layers": [1], "layers_round": 3, "joined": [1]}
+    plan = server.plan_round(3)
+    assert plan.own_start_keys == [layer_key(1)]
+    server.finish_round(plan, [], {d: "timeout" for d in plan.devices})  # nobody came back
+    plan = server.plan_round(4)
+    assert plan.own_start_keys == [layer_key(1)]  # still the devices' own values, not the stale global one
+    server.finish_round(plan, [update(plan.devices[0], dict(plan.state), 1)], [])
+    assert server.plan_round(5).own_start_keys == []
+
+
 def test_bytes_measured_by_a_transport_replace_the_estimates():
     server = server_with_layers([0])
     plan = server.plan_round(2)
@@ -156,7 +198,7 @@ def test_a_choice_before_the_round_waits_for_the_probes():
     server = Server(settings(selection_config(select_after=0)), global_state())
     request = server.probe_request(1)
     assert request is not None and request.devices == sample_devices(0, 1, 4, 2)
-    with pytest.raises(ValueError, match="probes"):
+    with pytest.raises(FibecfedError, match="needs the sampled devices' layer probes, and none of the 2 sent a usable one"):
         server.plan_round(1)
     a, b = request.devices
     probes = {
@@ -168,8 +210,49 @@ def test_a_choice_before_the_round_waits_for_the_probes():
     assert plan.own_start_keys == []  # the first choice: nobody has own values yet
     assert plan.probe_seconds == {a: 0.5, b: 0.25}
     assert plan.probe_upload[a] == serialized_nbytes({"layer_scores": probes[a].scores})
+    # The probe request carried the whole global adapter to each sampled device (as on Flower).
+    assert plan.extra_download == {a: plan.full_bytes, b: plan.full_bytes}
     result = server.finish_round(plan, [update(a, dict(plan.state), 1, compute_seconds=1.0)], [])
     assert result.fields["device_costs"][0][0] == 1.5  # training plus the probe before it
+
+
+@pytest.mark.parametrize(
+    "probe, problem",
+    [
+        (LayerProbe(torch.tensor([0.0, 1.0, 2.0, 3.0]), seconds=0.5, num_samples=3), None),
+        (LayerProbe(torch.tensor([0.0, float("nan"), 0.0, 1.0]), seconds=0.5, num_samples=3), "finite and >= 0"),
+        (LayerProbe(torch.tensor([0.0, -1.0, 0.0, 1.0]), seconds=0.5, num_samples=3), "finite and >= 0"),
+        (LayerProbe(torch.tensor([0.0, 1.0]), seconds=0.5, num_samples=3), "shape (2,), expected (4,)"),
+        (LayerProbe(torch.tensor([0, 1, 2, 3]), seconds=0.5, num_samples=3), "not a floating-point tensor"),
+        (LayerProbe(torch.tensor([0.0, 1.0, 2.0, 3.0]), seconds=0.5, num_samples=0), "positive integer, got 0"),
+        (LayerProbe(torch.tensor([0.0, 1.0, 2.0, 3.0]), seconds=float("inf"), num_samples=3), "probe time"),
+    ],
+)
+def test_probe_problem_names_what_is_wrong(probe, problem):
+    found = probe_problem(probe, num_layers=4)
+    assert found is None if problem is None else problem in found
+
+
+def test_unusable_probes_are_left_out_and_a_refresh_nobody_measured_keeps_the_layers():
+    server = Server(settings(selection_config(select_after=0, refresh_every=2)), global_state())
+    a, b = server.probe_request(1).devices
+    probes = {
+        a: LayerProbe(torch.tensor([0.0, 4.0, 0.0, 1.0]), seconds=0.5, num_samples=1),
+        # NaN scores: averaged in, they would make the choice raise and end the run.
+        b: LayerProbe(torch.tensor([9.0, float("nan"), 9.0, 9.0]), seconds=0.25, num_samples=100),
+    }
+    plan = server.plan_round(1, probes)
+    assert plan.aggregated_layers == [1, 3]  # device a's two most sensitive layers; b's left out
+    assert plan.probe_seconds == {a: 0.5, b: 0.0}
+    server.finish_round(plan, [], [])
+    server.finish_round(server.plan_round(2), [], [])
+    request = server.probe_request(3)  # the refresh is due
+    assert request is not None
+    bad = {d: LayerProbe(torch.tensor([1.0, 1.0]), seconds=0.1, num_samples=1) for d in request.devices}
+    plan = server.plan_round(3, bad)
+    assert plan.aggregated_layers == [1, 3] and server.selection["layers_round"] == 1  # kept; asked again next round
+    server.finish_round(plan, [], [])
+    assert server.probe_request(4) is not None
 
 
 def test_checkpoint_round_trip_resumes_the_same_server(tmp_path):

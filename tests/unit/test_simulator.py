@@ -506,3 +506,26 @@ def test_config_differences_name_the_keys():
     assert config_differences(saved, {"a": 1, "m": {"x": 5, "y": 3, "new": True}}, {"a": 0, "m": {"x": 0, "y": 0, "new": False}}) == [
         "m.x", "m.new", "gone"]
     assert config_differences(saved, {"a": 1, "m": {"x": 2, "y": 3}, "gone": 0}) == []
+
+
+def test_a_device_whose_layer_probe_raises_is_left_out_of_the_choice(monkeypatch):
+    # As on Flower: one device's probe failing must not end the run; every device's failing is a bug.
+    from types import SimpleNamespace
+
+    from fibecfed.federated import ProbeSettings
+    from fibecfed.server import LayerProbe, ProbeRequest
+
+    broken: set[int] = {1}
+
+    def probe_device(config, prepared, device, round_num, global_state, settings):
+        if device in broken:
+            raise OSError(f"device {device}: disk gone")
+        return LayerProbe(torch.ones(2), seconds=0.1, num_samples=5)
+
+    monkeypatch.setattr(sim_module, "probe_device", probe_device)
+    simulation = SimpleNamespace(config=None)
+    request = ProbeRequest(1, [0, 1, 2], ProbeSettings())
+    assert sorted(sim_module.Simulation._probe_global_model(simulation, None, {}, request)) == [0, 2]
+    broken.update({0, 2})
+    with pytest.raises(OSError, match="device 0: disk gone"):
+        sim_module.Simulation._probe_global_model(simulation, None, {}, request)

@@ -16,11 +16,14 @@ counted as download (see strategy.FibecFedStrategy).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,15 +151,49 @@ def keep_device_state(
                            and int(scalars["participations"]) == start.participations)
     records.store_device_state(context.state, start, records.PREV_PREFIX)
     records.store_device_state(context.state, state)
-    context.state[records.RUN_TAG] = ConfigRecord({"run": run})
+    run_tag = {"run": run}
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         latest, previous = folder / f"device-{device}.pt", folder / f"device-{device}.prev.pt"
-        if started_from_latest and latest.is_file():
+        # The file on disk is the one this context's latest state was saved to, unless another
+        # message of this device wrote since (on the simulation runtime a late round can still
+        # be running when the device's next round starts: `device_lock`); only then is it `start`.
+        if started_from_latest and latest.is_file() and tag is not None and tag.get("file") == _file_tag(latest):
             os.replace(latest, previous)
         else:
             outputs.save_checkpoint(previous, {**state_to_payload(start), "run": run})
         outputs.save_checkpoint(latest, {**state_to_payload(state), "run": run})
+        run_tag["file"] = _file_tag(latest)
+    context.state[records.RUN_TAG] = ConfigRecord(run_tag)
+
+
+def _file_tag(path: Path) -> str:
+    # (inode, mtime): outputs.save_checkpoint renames a new file over the old one, so every write
+    # changes the inode.
+    stat = path.stat()
+    return f"{stat.st_ino}:{stat.st_mtime_ns}"
+
+
+@contextlib.contextmanager
+def device_lock(folder: Path | None, device: int) -> Iterator[None]:
+    """Hold the device's state for one round: another message for the same device waits.
+
+    A SuperNode handles its messages one at a time, but Flower's simulation engine does not: a
+    round that ran past the server's deadline can still be training when the device is sampled
+    again, and both would start from the same state and write their own. With the lock the later
+    round waits (a real device cannot run two rounds at once either) and then starts from the
+    state the server counts. Without a state folder there is nothing to lock.
+    """
+    if folder is None:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"device-{device}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _state_folder(context: Context, state_dir: str | Path | None) -> Path | None:
@@ -190,21 +227,22 @@ def train(msg: Message, context: Context, state_dir: str | Path | None = None) -
         time.sleep(federation.device_timeout_s + HANG_MARGIN_S)
         raise faults.InjectedFault(f"device {device} hung in round {order.round_num} (injected fault)")
     folder = _state_folder(context, state_dir)
-    state = device_state(context, folder, device, order.run, order.participations)
-    start = copy.deepcopy(state)  # device_round changes `state` in place
-    global_values = {**data.initial_state, **order.global_values}
-    update = train_device(
-        data.config, data.prepared, device, order.round_num, global_values, state, data.initial_state,
-        exchanged_keys=order.exchanged_keys, own_start_keys=order.own_start_keys, sparse=order.sparse,
-        probe=order.probe, fault=fault,
-    )
-    num_layers = len(transformer_layers(data.prepared.runner.loaded.model)) if order.probe is not None else None
-    problem = check_update(update, {k: order.global_values[k] for k in order.exchanged_keys}, num_layers)
-    if problem is not None:
-        logger.warning("device %d: the server will reject its update of round %d (%s); its state stays as before",
-                       device, order.round_num, problem.reason)
-    else:
-        keep_device_state(context, folder, device, order.run, state, start)
+    with device_lock(folder, device):
+        state = device_state(context, folder, device, order.run, order.participations)
+        start = copy.deepcopy(state)  # device_round changes `state` in place
+        global_values = {**data.initial_state, **order.global_values}
+        update = train_device(
+            data.config, data.prepared, device, order.round_num, global_values, state, data.initial_state,
+            exchanged_keys=order.exchanged_keys, own_start_keys=order.own_start_keys, sparse=order.sparse,
+            probe=order.probe, fault=fault,
+        )
+        num_layers = len(transformer_layers(data.prepared.runner.loaded.model)) if order.probe is not None else None
+        problem = check_update(update, {k: order.global_values[k] for k in order.exchanged_keys}, num_layers)
+        if problem is not None:
+            logger.warning("device %d: the server will reject its update of round %d (%s); its state stays as before",
+                           device, order.round_num, problem.reason)
+        else:
+            keep_device_state(context, folder, device, order.run, state, start)
     return Message(records.update_content(update), reply_to=msg)
 
 

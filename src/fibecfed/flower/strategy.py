@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fibecfed import outputs
+from fibecfed import faults, outputs
 from fibecfed.config import RunConfig, config_to_dict
 from fibecfed.errors import FibecfedError
 from fibecfed.evaluation import classification_metrics
@@ -78,12 +79,9 @@ class FibecFedStrategy(Strategy):
         self.data_fingerprint = data_fingerprint(prepared)
         num_devices = len(prepared.train_parts)
         self.settings = server_settings(config, num_devices, len(transformer_layers(prepared.runner.loaded.model)))
-        self.server = Server(self.settings, self.initial_state)
+        self.server = Server(self.settings, self.initial_state, initial_state=self.initial_state)
         self.full_bytes = records.state_to_record(self.initial_state).count_bytes()
         self.nodes: dict[int, int] = {}  # device -> Flower node id
-        # Device -> the personal keys its node holds (after its last kept update): what it lacks
-        # of the non-exchanged keys, the server must send when their global value is not the initial one.
-        self.held: dict[int, set[str]] = {}
         # Device -> its updates the server kept: a node trains from its state with that count.
         self.kept: dict[int, int] = {}
         # The run's id, kept over a resume: the nodes' saved states belong to it.
@@ -102,15 +100,14 @@ class FibecFedStrategy(Strategy):
             "data_fingerprint": self.data_fingerprint,
             "runtime": "flower",
             "run_id": self.run_id,
-            "held": {device: sorted(keys) for device, keys in self.held.items()},
             "kept": dict(self.kept),
         }
 
     def resume(self, payload: Mapping[str, Any]) -> None:
         """Go on from a `to_checkpoint` payload: the next round is payload["round"] + 1."""
-        self.server = Server.from_checkpoint(self.settings, payload)
+        # The server's checkpoint holds which keys each node holds ("held"), as this one's did before.
+        self.server = Server.from_checkpoint(self.settings, payload, initial_state=self.initial_state)
         self.run_id = str(payload["run_id"])
-        self.held = {int(device): set(keys) for device, keys in payload["held"].items()}
         self.kept = {int(device): int(count) for device, count in payload["kept"].items()}
         self.offset = self.server.round
 
@@ -179,17 +176,20 @@ class FibecFedStrategy(Strategy):
                 logger.warning("device %d failed its probe in round %d: %s", device, request.round_num, reply.error.reason)
                 continue
             pending.upload[device] = pending.upload.get(device, 0) + records.content_bytes(reply.content)
-            info = reply.content.config_records[records.UPDATE_INFO]
-            scores = records.record_to_state(reply.content.array_records[records.LAYER_SCORES])["scores"]
-            probes[device] = LayerProbe(scores, float(info["seconds"]), int(info["num-samples"]))
+            try:
+                info = reply.content.config_records[records.UPDATE_INFO]
+                scores = records.record_to_state(reply.content.array_records[records.LAYER_SCORES])["scores"]
+                probe = LayerProbe(scores, float(info["seconds"]), int(info["num-samples"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                logger.warning("device %d sent a malformed probe reply in round %d (%s: %s)",
+                               device, request.round_num, type(exc).__name__, exc)
+                continue
+            if probe.num_samples != len(self.prepared.train_parts[device]):
+                logger.warning("device %d's probe reports %d training samples, but its partition holds %d: left out",
+                               device, probe.num_samples, len(self.prepared.train_parts[device]))
+                continue
+            probes[device] = probe  # its scores are checked by the server (server.probe_problem)
         return probes
-
-    def stale_values(self, device: int, exchanged: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Global values of non-exchanged keys the device lacks and cannot rebuild (not initial)."""
-        held = self.held.get(device, set())
-        skip = set(exchanged) | held
-        state = self.server.global_state
-        return {k: v for k, v in state.items() if k not in skip and not torch.equal(v, self.initial_state[k])}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.offset
@@ -202,7 +202,7 @@ class FibecFedStrategy(Strategy):
         messages = []
         for device in plan.devices:
             content = records.train_content(
-                plan, device, self.config_json, self.stale_values(device, plan.exchanged_keys), self.initial_fingerprint,
+                plan, device, self.config_json, self.server.stale_values(device, plan.exchanged_keys), self.initial_fingerprint,
                 run=self.run_id, participations=self.kept.get(device, 0),
             )
             pending.download[device] = pending.download.get(device, 0) + records.content_bytes(content)
@@ -214,7 +214,7 @@ class FibecFedStrategy(Strategy):
         server_round += self.offset
         pending = self.pending
         plan = pending.plan
-        received, errors = {}, {}
+        received, errors, reasons = {}, {}, {}
         for reply in replies:
             device = self._device_of(reply)
             if device is None:
@@ -222,14 +222,16 @@ class FibecFedStrategy(Strategy):
             if reply.has_error():
                 logger.warning("device %d failed in round %d: %s", device, server_round, reply.error.reason)
                 errors[device] = "error"
+                reasons[device] = reply.error.reason
                 continue
             pending.upload[device] = pending.upload.get(device, 0) + records.content_bytes(reply.content)
             pending.adapter[device] = pending.adapter.get(device, 0) + records.adapter_bytes(reply.content)
-            update = read_reply(reply.content, device, server_round)
+            update = read_reply(reply.content, device, server_round, len(self.prepared.train_parts[device]))
             if update is None:
                 errors[device] = "error"
             else:
                 received[device] = update
+        self._stop_if_broken_everywhere(server_round, plan.devices, reasons)
         # In plan order, as the server expects (it checks each update against the plan); a device
         # that sent nothing failed: with an error reply, or none before the deadline (timeout).
         updates = [received[d] for d in plan.devices if d in received]
@@ -241,15 +243,31 @@ class FibecFedStrategy(Strategy):
         measured = MeasuredTransfer(download=pending.download, upload=pending.upload, fedavg_bytes=fedavg)
         result = self.server.finish_round(plan, updates, failed, measured)
         pending.result = result
-        personal_keys = set(self.server.keys) - set(plan.exchanged_keys)
-        for update in updates:
+        for update in updates:  # the server also notes which keys its node now holds (Server.held)
             if update.device not in result.dropped:
-                self.held[update.device] = personal_keys
                 self.kept[update.device] = self.kept.get(update.device, 0) + 1
         metrics = {"failed-devices": len(result.fields["failed_devices"])}
         if result.fields["loss"] is not None:
             metrics["loss"] = float(result.fields["loss"])
         return records.state_to_record(self.server.global_state), MetricRecord(metrics)
+
+    def _stop_if_broken_everywhere(self, round_num: int, devices: Sequence[int], reasons: Mapping[int, str]) -> None:
+        """End the run when every sampled device's ClientApp raised, none of them for a device
+        fault (an injected one, which the server draws as the nodes do, or a loss that became NaN):
+        the same code broke on every node, e.g. nodes whose model files differ from the server's.
+        The simulator stops in the same case; otherwise the rounds would go on, every device
+        failing, and the run would end with the initial model as if it had succeeded."""
+        share, kinds = self.config.federation.faults.share, self.config.federation.faults.kinds
+        injected = faults.round_faults(self.config.seed, round_num, devices, share, kinds)
+        # NonFiniteLossError's message (training.local_train); Flower's simulation runtime
+        # reports only the message of a ClientApp's exception, not its class.
+        unexpected = {d: r for d, r in reasons.items() if d not in injected and "loss became" not in r}
+        if devices and len(unexpected) == len(devices):
+            first = unexpected[devices[0]]
+            raise FibecfedError(
+                f"round {round_num}: every sampled device's ClientApp raised ({len(devices)} of {len(devices)}), so the "
+                f"run stops; device {devices[0]}'s error: {first.strip()}"
+            )
 
     # -- Evaluation ---------------------------------------------------------------------------
 
@@ -358,9 +376,10 @@ def pool_predictions(preds: list[torch.Tensor], labels: list[torch.Tensor], num_
     return {f"personalized_{k}": v for k, v in {**pooled, "devices": devices}.items()}
 
 
-def read_reply(content: RecordDict, device: int, round_num: int) -> DeviceUpdate | None:
-    """The update in a train reply from `device`'s node; None (logged) if the reply is malformed
-    or speaks for another device."""
+def read_reply(content: RecordDict, device: int, round_num: int, num_samples: int | None = None) -> DeviceUpdate | None:
+    """The update in a train reply from `device`'s node; None (logged) if the reply is malformed,
+    speaks for another device, or reports numbers the server cannot use (`reply_problem`).
+    `num_samples`: the device's training-set size, which the server knows from the partition."""
     try:
         update = records.read_update_content(content)
     except (KeyError, TypeError, ValueError) as exc:
@@ -369,7 +388,38 @@ def read_reply(content: RecordDict, device: int, round_num: int) -> DeviceUpdate
     if update.device != device:
         logger.warning("the node of device %d sent an update for device %d in round %d", device, update.device, round_num)
         return None
+    problem = reply_problem(update, num_samples)
+    if problem is not None:
+        logger.warning("device %d sent an unusable reply in round %d: %s", device, round_num, problem)
+        return None
     return update
+
+
+def reply_problem(update: DeviceUpdate, num_samples: int | None = None) -> str | None:
+    """Why the server cannot use the numbers of a train reply, or None. Its tensors are checked
+    by the server (`federated.check_update`); these are the rest. The aggregation weight is the
+    partition's size (a node that reports another would weigh its update wrongly, and 0 or less
+    would drop it or extrapolate); the seconds set the simulated clock; loss and personalised
+    counts go to metrics.jsonl."""
+    if num_samples is not None and update.num_samples != num_samples:
+        return f"it reports {update.num_samples} training samples, but its partition holds {num_samples}"
+    if update.num_samples < 1:
+        return f"it reports {update.num_samples} training samples"
+    seconds = {"compute-seconds": update.compute_seconds, "scoring-seconds": update.scoring_seconds,
+               "background-seconds": update.background_seconds, "probe-seconds": update.probe_seconds}
+    for name, value in seconds.items():
+        if not math.isfinite(value) or value < 0:
+            return f"{name} must be finite and >= 0, got {value}"
+    if not math.isfinite(update.loss):
+        return f"its loss is {update.loss}"
+    if not 0.0 <= update.curriculum_fraction <= 1.0:
+        return f"curriculum-fraction must be in [0, 1], got {update.curriculum_fraction}"
+    if update.steps < 0 or update.pool_size < 0 or update.personalized_count < 0:
+        return f"negative counts (steps {update.steps}, pool {update.pool_size}, personalised {update.personalized_count})"
+    values = [v for v in (update.personalized or {}).values() if isinstance(v, (int, float))]
+    if not all(math.isfinite(v) for v in values):
+        return f"its personalised scores are not finite: {update.personalized}"
+    return None
 
 
 def missing_nodes_error(missing: list[int], num_devices: int) -> FibecfedError:
