@@ -500,8 +500,11 @@ def device_round(
         if not online:
             return runner.loss(batch)
         out = runner.head_output(batch)
-        # Each trained sample's difficulty, current, from this very forward pass (free), on the
-        # scale of the initial scores.
+        # Each trained sample's difficulty, current, from this very forward pass (free). It is a
+        # training pass: with dropout before the head (BERT's pooler dropout, 0.1 for MiniLM) ‖h‖²
+        # is about 1/(1 - p) of its eval-mode value and p is noisier, so refreshed scores sit a
+        # little above the initial ones (eval mode) they are ranked with. An eval-mode score would
+        # cost a second forward pass; the decoder's verbalizer has no dropout before its head.
         trace = head_fisher_trace(out.logits, out.features, batch["labels"], out.has_bias)
         if curriculum.normalize_by_length:
             trace = trace / batch["attention_mask"].sum(dim=1).float()

@@ -61,9 +61,13 @@ def _body(model: nn.Module) -> nn.Module:
 
 
 def _layer_hidden_states(
-    model: nn.Module, blocks: nn.ModuleList, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor
+    model: nn.Module, blocks: nn.ModuleList, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """[input of block 0, output of block 0, ..., output of block L-1], each (B, T, H).
+
+    `token_type_ids` (B, T): the segments of a sentence pair, for models that embed them (BERT);
+    without them BERT takes every token for the first segment, an input it never trains on.
 
     Read with forward hooks on the blocks rather than `output_hidden_states=True`: in
     transformers 5.24 (`utils/output_capturing.py`, `capture_outputs`) hidden_states[0] is the input
@@ -84,7 +88,8 @@ def _layer_hidden_states(
     handles = [blocks[0].register_forward_pre_hook(record_input, with_kwargs=True)]
     handles += [block.register_forward_hook(record_output) for block in blocks]
     try:
-        _body(model)(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids.to(inputs_embeds.device)}
+        _body(model)(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **extra)
     finally:
         for handle in handles:
             handle.remove()
@@ -111,7 +116,7 @@ def hidden_state_sizes(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> t
             embeddings = model.get_input_embeddings()
             embeds = embeddings(batch["input_ids"].to(embeddings.weight.device))
             attention_mask = batch["attention_mask"].to(embeds.device)
-            states = _layer_hidden_states(model, transformer_layers(model), embeds, attention_mask)
+            states = _layer_hidden_states(model, transformer_layers(model), embeds, attention_mask, batch.get("token_type_ids"))
             sizes = torch.stack([_mean_token_norm(h, attention_mask.bool()) for h in states])
     finally:
         for module, training in modes.items():
@@ -179,8 +184,9 @@ def layer_sensitivity(
             scale = noise_scale * embeds[token_mask].float().std()
             perturbed = embeds + (scale * noise.to(embeds.device)).to(embeds.dtype)
 
-            clean = _layer_hidden_states(model, blocks, embeds, attention_mask)
-            noisy = _layer_hidden_states(model, blocks, perturbed, attention_mask)
+            types = batch.get("token_type_ids")
+            clean = _layer_hidden_states(model, blocks, embeds, attention_mask, types)
+            noisy = _layer_hidden_states(model, blocks, perturbed, attention_mask, types)
             change = torch.stack(
                 [_mean_token_norm(n - c, token_mask) for c, n in zip(clean, noisy)]
             )  # (L+1,): Δ_0 .. Δ_L

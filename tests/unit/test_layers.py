@@ -75,6 +75,26 @@ def test_hooked_hidden_states_are_layer_outputs(build):
         assert torch.allclose(final_norm(hooked[4]), reference.hidden_states[4])
 
 
+def test_a_sentence_pair_keeps_its_segments_in_the_probe():
+    # BERT embeds token types: the probe must see the second sentence as the model does in
+    # training (type 1), not as the first (the default when token_type_ids are left out).
+    model = tiny_bert(layers=4).eval()
+    batch = random_batch()
+    batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+    batch["token_type_ids"][:, 3:] = 1
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    with torch.no_grad():
+        hooked = _layer_hidden_states(model, transformer_layers(model), embeds, batch["attention_mask"], batch["token_type_ids"])
+        reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          token_type_ids=batch["token_type_ids"], output_hidden_states=True)
+        single = _layer_hidden_states(model, transformer_layers(model), embeds, batch["attention_mask"])
+    assert all(torch.allclose(h, r) for h, r in zip(hooked, reference.hidden_states))
+    assert not torch.allclose(single[0], reference.hidden_states[0])
+    pair = layer_sensitivity(model, batch, generator=torch.Generator().manual_seed(0))
+    without = layer_sensitivity(model, {k: v for k, v in batch.items() if k != "token_type_ids"}, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(pair, without)
+
+
 @pytest.mark.parametrize("layer", [0, 1, 2, 3])
 def test_gain_ranks_the_amplifying_layer_first(layer):
     scores = layer_sensitivity(sharpened_llama(layer), random_batch(8, 10), generator=seeded(), measure="gain")
