@@ -50,19 +50,29 @@ def _round_at_fraction(fraction: float, start: float, full_at: float, rounds: in
     return rounds
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="sst2")
-    parser.add_argument("--config", default="bench")
+def profile_parser(description: str, dataset: str = "sst2", config: str = "bench") -> argparse.ArgumentParser:
+    """The options every round profile takes (this one and bench/profile_overhead.py)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default=dataset)
+    parser.add_argument("--config", default=config)
     parser.add_argument("--devices", default="0,1,2")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "datasets")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def prepare_fibecfed(args: argparse.Namespace):
+    """The run config (method=fibecfed plus the overrides) and its prepared data and model, on one torch thread."""
     quiet_libraries()
     torch.set_num_threads(1)
     config = load_config(args.config, [*dataset_overrides(args.dataset, args.shared), "method=fibecfed", *args.overrides])
-    prepared = prepare(config)
+    return config, prepare(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = profile_parser(__doc__).parse_args(argv)
+    config, prepared = prepare_fibecfed(args)
     runner, train = prepared.runner, prepared.train
     settings = train_settings(config)
     curriculum = curriculum_settings(config)
