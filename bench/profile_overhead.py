@@ -10,8 +10,8 @@ FedAvg's round on the same samples, so the difference says what each extra costs
 
 - fibecfed: as configured (curriculum with online refresh, sparse masks, Fisher every m-th step);
 - no online refresh: the loss from `runner.loss` instead of the head output and its Fisher trace;
-- no Fisher collection: `fisher_every` past the round's steps (the masks still come from the
-  device's Fisher momentum);
+- no Fisher collection: `fisher_every` past the round's steps, so only the first step collects
+  it (the masks still come from the device's Fisher momentum);
 - no sparse update: the non-aggregated layers train densely (no masks, no Fisher);
 - no curriculum, no sparse: only the exchange differs from FedAvg's.
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         "fedavg round": dict(keys=None, cur=None, sp=None),
         "fibecfed": dict(keys=exchanged, cur=curriculum, sp=sparse),
         "fibecfed, no online refresh": dict(keys=exchanged, cur=dataclasses.replace(curriculum, online_refresh=False), sp=sparse),
-        "fibecfed, no Fisher collection": dict(keys=exchanged, cur=curriculum, sp=dataclasses.replace(sparse, fisher_every=10**6)),
+        "fibecfed, Fisher at step 0 only": dict(keys=exchanged, cur=curriculum, sp=dataclasses.replace(sparse, fisher_every=10**6)),
         "fibecfed, no sparse update": dict(keys=exchanged, cur=curriculum, sp=None),
         "fibecfed, no curriculum, no sparse update": dict(keys=exchanged, cur=None, sp=None),
     }

@@ -501,7 +501,7 @@ def device_round(
             return runner.loss(batch)
         out = runner.head_output(batch)
         # Each trained sample's difficulty, current, from this very forward pass (free). It is a
-        # training pass: with dropout before the head (BERT's pooler dropout, 0.1 for MiniLM) ‖h‖²
+        # training pass: with dropout before the head (BERT's classifier dropout on the pooled output, 0.1 for MiniLM) ‖h‖²
         # is about 1/(1 - p) of its eval-mode value and p is noisier, so refreshed scores sit a
         # little above the initial ones (eval mode) they are ranked with. An eval-mode score would
         # cost a second forward pass; the decoder's verbalizer has no dropout before its head.

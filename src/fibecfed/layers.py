@@ -9,6 +9,7 @@ batch, tensors and keys: no I/O, no global RNG state.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
@@ -88,8 +89,12 @@ def _layer_hidden_states(
     handles = [blocks[0].register_forward_pre_hook(record_input, with_kwargs=True)]
     handles += [block.register_forward_hook(record_output) for block in blocks]
     try:
-        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids.to(inputs_embeds.device)}
-        _body(model)(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **extra)
+        body = _body(model)
+        extra = {}
+        if token_type_ids is not None and "token_type_ids" in inspect.signature(body.forward).parameters:
+            # Only a model that embeds segments takes them (heads.py leaves them out for a decoder).
+            extra["token_type_ids"] = token_type_ids.to(inputs_embeds.device)
+        body(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **extra)
     finally:
         for handle in handles:
             handle.remove()

@@ -145,6 +145,14 @@ def layers_due(layers: LayerSelectionConfig | None, selection: Mapping[str, Any]
     return layers.refresh_every > 0 and round_num - selection["layers_round"] >= layers.refresh_every
 
 
+def joined_layers(selection: Mapping[str, Any], chosen: Sequence[int]) -> list[int]:
+    """The layers of a new choice that start from the devices' own values: those not aggregated
+    before, and those that joined at the last choice and no round has aggregated since."""
+    previous = set(selection["layers"] or [])
+    pending = set(selection.get("joined") or []) if selection.get("joined_unaggregated", False) else set()
+    return sorted((set(chosen) - previous) | (pending & set(chosen)))
+
+
 def choose_before_round(
     layers: LayerSelectionConfig, selection: Mapping[str, Any], scores: torch.Tensor, round_num: int, seed: int
 ) -> dict[str, Any]:
@@ -155,7 +163,7 @@ def choose_before_round(
     chosen = select_aggregation_layers(scores, layers.share, layers.policy, rng=rng)
     updated = {**selection, "layers": chosen}
     # The first choice has nothing joining: every device still has the initial values.
-    updated["joined"] = sorted(set(chosen) - set(previous)) if previous else []
+    updated["joined"] = joined_layers(selection, chosen) if previous else []
     updated["layers_round"] = round_num
     updated["layer_scores"] = [round(float(x), 6) for x in scores]
     logger.info("round %d: aggregation layers %s (scores %s)", round_num, chosen, updated["layer_scores"])
@@ -172,10 +180,9 @@ def choose_after_probes(
         logger.warning("round %d: no device returned layer scores; the aggregation layers stay as they are", round_num)
         return dict(selection)
     combined = combine_layer_scores([u.layer_scores for u in probed], [u.num_samples for u in probed])
-    previous = selection["layers"] or []
     chosen = select_aggregation_layers(combined, layers.share, layers.policy)
     updated = {**selection, "layers": chosen}
-    updated["joined"] = sorted(set(chosen) - set(previous))
+    updated["joined"] = joined_layers(selection, chosen)
     updated["layers_round"] = round_num + 1
     updated["layer_scores"] = [round(float(x), 6) for x in combined]
     logger.info("after round %d: aggregation layers %s (scores %s)", round_num, chosen, updated["layer_scores"])
@@ -328,7 +335,7 @@ class Server:
     ) -> Server:
         """The server as `to_checkpoint` saved it (a run resumes after `payload["round"]`);
         `initial_state`: the run's initial global state (None: the saved global state stands in,
-        so no stale value is counted for download)."""
+        so the values of that moment count as ones a device can rebuild)."""
         return cls(
             settings,
             payload["global_state"],
@@ -415,6 +422,8 @@ class Server:
         probe_seconds = {d: 0.0 for d in sampled}
         probe_upload = {d: 0 for d in sampled}
         chosen_before = layers_due(s.layers, self.selection, round_num)
+        # Every sampled device got the probe request, with the global adapter.
+        asked = chosen_before and s.layers.policy in PROBED_POLICIES
         if chosen_before:
             if s.layers.policy in PROBED_POLICIES:
                 answered = []
@@ -434,7 +443,7 @@ class Server:
                     # A refresh nobody could measure: the layers stay, and the next round asks again.
                     logger.warning("round %d: no sampled device sent a usable layer probe; the aggregation layers "
                                    "stay %s", round_num, self.selection["layers"])
-                    combined = None
+                    combined, chosen_before = None, False
                 else:
                     raise FibecfedError(
                         f"round {round_num}: the first choice of aggregation layers needs the sampled devices' layer "
@@ -458,8 +467,8 @@ class Server:
         state = {k: self.global_state[k] for k in exchanged}
         full_bytes = serialized_nbytes(self.global_state)
         extra_download = {d: serialized_nbytes(self.stale_values(d, exchanged)) for d in sampled}
-        if chosen_before and s.layers.policy in PROBED_POLICIES:
-            for device in sampled:  # every sampled device got the probe request, with the global adapter
+        if asked:
+            for device in sampled:
                 extra_download[device] += full_bytes
         return RoundPlan(
             round_num=round_num,
@@ -506,11 +515,12 @@ class Server:
             self.global_state, self.moments = server_step(
                 self.global_state, average, self.moments, s.server_opt, fresh=plan.own_start_keys
             )
+        if plan.own_start_keys:
+            # Joined layers nobody aggregated yet keep starting from the devices' own values
+            # (before a choice after this round, which carries them over: `joined_layers`).
+            self.selection = {**self.selection, "joined_unaggregated": not good}
         if plan.probe is not None:
             self.selection = choose_after_probes(s.layers, self.selection, good, plan.round_num)
-        if plan.own_start_keys:
-            # Joined layers nobody aggregated yet keep starting from the devices' own values.
-            self.selection = {**self.selection, "joined_unaggregated": not good}
         personal_keys = set(self.keys) - set(plan.exchanged_keys)
         for u in good:  # a device whose update was rejected keeps the state it had before
             self.held[u.device] = personal_keys

@@ -474,8 +474,9 @@ class Simulation:
     def _probe_global_model(self, prepared: Prepared, global_state: dict, request: ProbeRequest) -> dict[int, LayerProbe]:
         """The requested devices' layer sensitivities (L,) of the global model, before the round.
 
-        A device whose probe raises is left out of the choice, as on Flower; if every device's
-        does, the first error is raised (the same code broke everywhere: a bug, not a device)."""
+        A device whose probe raises is left out of the choice; if every device's
+        does, the first error is raised (the same code broke everywhere: a bug, not a device). The
+        Flower strategy does the same."""
         probes, errors = {}, []
         for device in request.devices:
             try:

@@ -152,6 +152,26 @@ def test_a_late_round_still_running_when_the_next_starts_does_not_replace_its_st
     assert device_state(restarted, folder, 0, "run", 1).personal["k"].tolist() == [1.0, 1.0]
 
 
+def test_a_context_written_back_out_of_order_does_not_pass_for_the_newest_state(tmp_path):
+    # The late round finished first (the lock), but its Context was written back after the next
+    # round's: memory then holds the late round's state, counted as the one the server counts.
+    import copy
+
+    from fibecfed.flower.client_app import device_state, keep_device_state
+
+    folder = tmp_path / "states"
+    node = _context()
+    keep_device_state(node, folder, 0, "run", _state(1), start=DeviceState())
+    late, next_round = copy.deepcopy(node), copy.deepcopy(node)
+    keep_device_state(late, folder, 0, "run", DeviceState(personal={"k": torch.full((2,), 20.0)}, participations=2),
+                      device_state(late, folder, 0, "run", 1))
+    keep_device_state(next_round, folder, 0, "run", DeviceState(personal={"k": torch.full((2,), 30.0)}, participations=2),
+                      device_state(next_round, folder, 0, "run", 1))
+    node = late  # written back last
+    assert device_state(node, folder, 0, "run", 2).personal["k"].tolist() == [30.0, 30.0]
+    assert device_state(node, folder, 0, "run", 1).personal["k"].tolist() == [1.0, 1.0]
+
+
 def test_the_device_lock_makes_a_second_round_of_the_same_device_wait(tmp_path):
     import threading
     import time

@@ -130,6 +130,15 @@ def test_joined_layers_start_from_the_devices_own_values_until_a_round_aggregate
     assert server.plan_round(5).own_start_keys == []
 
 
+def test_a_new_choice_carries_over_joined_layers_that_no_round_aggregated():
+    from fibecfed.server import joined_layers
+
+    failed = {"layers": [1], "joined": [1], "joined_unaggregated": True}
+    assert joined_layers(failed, [1, 2]) == [1, 2]  # 1 joined, nobody aggregated it yet: still the devices' own
+    assert joined_layers({**failed, "joined_unaggregated": False}, [1, 2]) == [2]
+    assert joined_layers(failed, [2, 3]) == [2, 3]  # 1 left the aggregated ones: nothing to carry
+
+
 def test_bytes_measured_by_a_transport_replace_the_estimates():
     server = server_with_layers([0])
     plan = server.plan_round(2)
@@ -251,7 +260,9 @@ def test_unusable_probes_are_left_out_and_a_refresh_nobody_measured_keeps_the_la
     bad = {d: LayerProbe(torch.tensor([1.0, 1.0]), seconds=0.1, num_samples=1) for d in request.devices}
     plan = server.plan_round(3, bad)
     assert plan.aggregated_layers == [1, 3] and server.selection["layers_round"] == 1  # kept; asked again next round
-    server.finish_round(plan, [], [])
+    assert plan.extra_download == {d: plan.full_bytes for d in request.devices}  # they did download for the probe
+    result = server.finish_round(plan, [], [])
+    assert "layer_scores" not in result.fields  # no choice was made this round
     assert server.probe_request(4) is not None
 
 

@@ -119,6 +119,11 @@ def device_state(context: Context, folder: Path | None, device: int, run: str, p
     device's first kept round, a fresh one. None (an older server): the newest.
     """
     memory = _memory_states(context, run)
+    if memory and _disk_is_newer(context, folder, device):
+        # Another message of this device wrote its state since this Context was copied (on
+        # Flower's simulation engine a Context is written back after the handler returns): the
+        # files hold the newer states.
+        memory = []
     if participations is None:
         return (memory or _disk_states(folder, device, run) or [DeviceState()])[0]
     if participations == 0:
@@ -167,6 +172,15 @@ def keep_device_state(
     context.state[records.RUN_TAG] = ConfigRecord(run_tag)
 
 
+def _disk_is_newer(context: Context, folder: Path | None, device: int) -> bool:
+    """Whether the latest state file is not the one this Context last wrote."""
+    tag = context.state.config_records.get(records.RUN_TAG)
+    if folder is None or tag is None or tag.get("file") is None:
+        return False
+    latest = folder / f"device-{device}.pt"
+    return latest.is_file() and _file_tag(latest) != tag["file"]
+
+
 def _file_tag(path: Path) -> str:
     # (inode, mtime): outputs.save_checkpoint renames a new file over the old one, so every write
     # changes the inode.
@@ -178,11 +192,13 @@ def _file_tag(path: Path) -> str:
 def device_lock(folder: Path | None, device: int) -> Iterator[None]:
     """Hold the device's state for one round: another message for the same device waits.
 
-    A SuperNode handles its messages one at a time, but Flower's simulation engine does not: a
-    round that ran past the server's deadline can still be training when the device is sampled
-    again, and both would start from the same state and write their own. With the lock the later
-    round waits (a real device cannot run two rounds at once either) and then starts from the
-    state the server counts. Without a state folder there is nothing to lock.
+    Flower may run two messages of one node at once (the simulation engine's workers, and a
+    SuperNode, which starts a task per message it pulls): a round that ran past the server's
+    deadline can still be training when the device is sampled again, and both would start from
+    the same state and write their own. With the lock the later round waits (a real device cannot
+    run two rounds at once either) and then starts from the state the server counts. The lock
+    lives in the state folder: a node without one (node config `state-dir`) keeps its state in
+    memory only and is not protected.
     """
     if folder is None:
         yield

@@ -167,13 +167,14 @@ class FibecFedStrategy(Strategy):
             })
             pending.download[device] = pending.download.get(device, 0) + records.content_bytes(content)
             messages.append(Message(content, dst_node_id=self.nodes[device], message_type=f"{MessageType.TRAIN}.probe"))
-        probes = {}
+        probes, reasons = {}, {}
         for reply in grid.send_and_receive(messages, timeout=self.timeout):
             device = self._device_of(reply)
             if device is None:
                 continue
             if reply.has_error():
                 logger.warning("device %d failed its probe in round %d: %s", device, request.round_num, reply.error.reason)
+                reasons[device] = reply.error.reason
                 continue
             pending.upload[device] = pending.upload.get(device, 0) + records.content_bytes(reply.content)
             try:
@@ -189,6 +190,8 @@ class FibecFedStrategy(Strategy):
                                device, probe.num_samples, len(self.prepared.train_parts[device]))
                 continue
             probes[device] = probe  # its scores are checked by the server (server.probe_problem)
+        # As the simulator does: the same code broke on every node.
+        self._stop_if_broken_everywhere(request.round_num, request.devices, reasons)
         return probes
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
