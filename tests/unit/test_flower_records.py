@@ -184,7 +184,7 @@ def test_the_device_lock_makes_a_second_round_of_the_same_device_wait(tmp_path):
     def first():
         with device_lock(tmp_path, 0):
             holding.set()
-            time.sleep(0.3)
+            time.sleep(1.0)  # long enough for the other threads to get there on a loaded machine
             events.append("first ends")
 
     def second():
