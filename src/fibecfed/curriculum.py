@@ -130,12 +130,22 @@ def curriculum_pool(
     samples rank after every scored one, in an order drawn with `rng` (by index without one),
     so they join the pool once the scored ones are all in.
     """
+    return _easiest(indices, scores, pool_size(fraction, len(indices)), order, rng)
+
+
+def _easiest(
+    indices: Sequence[int],
+    scores: Sequence[float] | torch.Tensor,
+    size: int,
+    order: PoolOrder,
+    rng: np.random.Generator | None,
+) -> list[int]:
+    """The first `size` samples of `indices` in curriculum order (see curriculum_pool)."""
     if order not in _ORDERS:
         raise ValueError(f"unknown curriculum order {order!r}; choose one of {list(_ORDERS)}")
     score_list = [float(s) for s in (scores.tolist() if isinstance(scores, torch.Tensor) else scores)]
     if len(score_list) != len(indices):
         raise ValueError(f"{len(indices)} indices but {len(score_list)} scores")
-    size = pool_size(fraction, len(indices))
     items = [(s, int(i)) for s, i in zip(score_list, indices)]
     if order == "random":
         if rng is None:
@@ -167,6 +177,11 @@ def class_balanced_pool(
     happens to favour; training on that pool only reinforces the bias (measured: FibecFed's
     global accuracy then stays at the majority rate for the early rounds). Ranking within each
     class keeps the easy-to-hard order and the device's class mix. Our choice, not the paper's.
+
+    The pool holds ⌈fraction·n⌉ samples, as an unbalanced pool does, shared out over the classes
+    in proportion to their sizes (`apportion`): a class whose share rounds to nothing may have no
+    sample in an early pool. (Rounding each class up on its own gave up to C − 1 samples more than
+    the fraction the round reports.)
     """
     score_list = scores.tolist() if isinstance(scores, torch.Tensor) else list(scores)
     if not (len(score_list) == len(indices) == len(labels)):
@@ -176,8 +191,31 @@ def class_balanced_pool(
         members = by_class.setdefault(int(label), ([], []))
         members[0].append(int(index))
         members[1].append(float(score))
+    labels_sorted = sorted(by_class)
+    counts = apportion(pool_size(fraction, len(indices)), [len(by_class[label][0]) for label in labels_sorted])
     pool: list[int] = []
-    for label in sorted(by_class):
+    for label, count in zip(labels_sorted, counts):
         members, member_scores = by_class[label]
-        pool.extend(curriculum_pool(members, member_scores, fraction, order=order, rng=rng))
+        pool.extend(_easiest(members, member_scores, count, order, rng))
     return pool
+
+
+def apportion(total: int, sizes: Sequence[int]) -> list[int]:
+    """`total` items shared over groups of `sizes` in proportion (largest remainder), each at
+    most its size; the counts add up to `total`.
+
+    Group c's quota is total·size_c / n; each gets the whole part, and the items left go one
+    each to the largest fractional parts (ties: the larger group, then the earlier one). Exact
+    integer arithmetic, so a quota of exactly 2 is never 1.999… rounded down.
+    """
+    n = sum(sizes)
+    if not 0 <= total <= n:
+        raise ValueError(f"cannot share {total} items over groups of {list(sizes)} ({n} in all)")
+    if n == 0:
+        return [0] * len(sizes)
+    counts = [total * size // n for size in sizes]
+    remainders = [total * size % n for size in sizes]
+    by_remainder = sorted(range(len(sizes)), key=lambda c: (-remainders[c], -sizes[c], c))
+    for c in by_remainder[: total - sum(counts)]:
+        counts[c] += 1
+    return counts

@@ -22,6 +22,20 @@ class HeadOutput:
     logits: torch.Tensor
     features: torch.Tensor
     has_bias: bool
+    # In training mode, where the head's input came straight out of a dropout (BERT's and
+    # RoBERTa's classifier dropout): the logits and features that input would have given
+    # without that dropout, (B, C) and (B, H); None otherwise. Kept apart because the loss must
+    # use the dropped-out ones. A difficulty score from a training pass (the online refresh)
+    # then matches an eval-mode score in scale: inverted dropout makes ‖h‖² about 1/(1 - p)
+    # of its value. The dropouts deeper in the body stay; LayerNorm keeps their effect on ‖h‖ small.
+    undropped_logits: torch.Tensor | None = None
+    undropped_features: torch.Tensor | None = None
+
+    def for_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, features) a head-Fisher difficulty score should use: without the head's dropout."""
+        if self.undropped_features is None or self.undropped_logits is None:
+            return self.logits, self.features
+        return self.undropped_logits, self.undropped_features
 
 
 def class_logits(
@@ -108,15 +122,21 @@ def class_logits_and_features(
         return _verbalizer(model, inputs, head, label_token_ids)
     num_classes = int(model.config.num_labels) if hasattr(model, "config") else None
     calls: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []
+    dropped: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) of each dropout
 
     def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         calls.append((module, args[0], output))
+
+    def record_dropout(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        dropped.append((args[0], output))
 
     handles = [
         m.register_forward_hook(record)
         for m in model.modules()
         if isinstance(m, nn.Linear) and (num_classes is None or m.out_features == num_classes)
     ]
+    if model.training:
+        handles += [m.register_forward_hook(record_dropout) for m in model.modules() if isinstance(m, nn.Dropout)]
     try:
         logits = model(**inputs).logits
     finally:
@@ -126,7 +146,14 @@ def class_logits_and_features(
     rows = torch.arange(batch_size, device=logits.device)
     for module, x, out in reversed(calls):
         if out.shape == logits.shape and torch.equal(out, logits):
-            return HeadOutput(logits, x.reshape(batch_size, -1), module.bias is not None)
+            output = HeadOutput(logits, x.reshape(batch_size, -1), module.bias is not None)
+            # The very tensor a dropout returned is the head's input: undo that dropout.
+            source = next((before for before, after in reversed(dropped) if after is x), None)
+            if source is not None:
+                with torch.no_grad():
+                    output.undropped_logits = module(source).reshape(logits.shape)
+                output.undropped_features = source.reshape(batch_size, -1)
+            return output
         if out.dim() == 3 and out.shape[0] == batch_size and out.shape[-1] == logits.shape[-1]:
             # A head that runs on every token and then pools one position (Llama's `score` takes
             # the last real token): only that position's input reaches the loss.

@@ -40,7 +40,9 @@ def sample_batches(pool: Sequence[int], batch_size: int, num_steps: int, rng: np
     """`num_steps` mini-batches drawn at random from `pool`, without replacement within a pass.
 
     Passes over the pool are concatenated shuffles, so every sample is seen once before any is
-    seen twice. A pool smaller than the batch gives batches of the whole pool.
+    seen twice. A batch that straddles two passes holds distinct samples: the next pass's first
+    samples are the first of its shuffle that the batch does not hold yet (the others follow in
+    shuffle order). A pool smaller than the batch gives batches of the whole pool.
     """
     if len(pool) == 0:
         raise ValueError("cannot draw batches from an empty pool")
@@ -50,10 +52,22 @@ def sample_batches(pool: Sequence[int], batch_size: int, num_steps: int, rng: np
     batches = []
     for _ in range(num_steps):
         if len(order) < size:
-            order.extend(pool_arr[rng.permutation(len(pool_arr))].tolist())
+            order.extend(_next_pass(pool_arr[rng.permutation(len(pool_arr))].tolist(), order, size - len(order)))
         batches.append(order[:size])
         del order[:size]
     return batches
+
+
+def _next_pass(shuffled: list[int], held: Sequence[int], needed: int) -> list[int]:
+    """`shuffled` reordered so its first `needed` samples are not in `held` (the rest of the
+    previous pass, fewer than a batch): the batch that joins the two passes then has no sample
+    twice. Both passes stay whole shuffles; only the joining batch's draw changes."""
+    if not held:
+        return shuffled
+    taken = set(held)
+    first = [j for j, i in enumerate(shuffled) if i not in taken][:needed]  # positions
+    chosen = set(first)
+    return [shuffled[j] for j in first] + [i for j, i in enumerate(shuffled) if j not in chosen]
 
 
 def _param_groups(params: Mapping[str, nn.Parameter], lr: float, head_lr: float | None, weight_decay: float) -> list[dict]:

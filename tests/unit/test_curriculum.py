@@ -120,6 +120,28 @@ def test_class_balanced_pool_takes_the_easiest_share_of_each_class():
     assert sorted(class_balanced_pool(indices, scores, labels, 1.0)) == indices
 
 
+def test_class_balanced_pool_holds_the_fraction_not_one_per_class_more():
+    from fibecfed.curriculum import apportion, class_balanced_pool
+
+    # 7 samples: class 0 has 4, class 1 has 2, class 2 has 1. At 0.3 the pool is ceil(2.1) = 3.
+    # Quotas 3*4/7 = 1.71, 3*2/7 = 0.86, 3*1/7 = 0.43: whole parts 1, 0, 0; the 2 left go to the
+    # largest remainders, class 1 (6/7) then class 0 (5/7): counts 2, 1, 0. Rounding each class
+    # up on its own gave 2 + 1 + 1 = 4.
+    assert apportion(3, [4, 2, 1]) == [2, 1, 0]
+    indices = [10, 11, 12, 13, 14, 15, 16]
+    labels = [0, 0, 0, 0, 1, 1, 2]
+    scores = [0.4, 0.1, 0.3, 0.2, 0.9, 0.5, 0.0]
+    assert class_balanced_pool(indices, scores, labels, 0.3) == [11, 13, 15]
+    assert len(class_balanced_pool(indices, scores, labels, 0.5)) == 4  # ceil(3.5)
+    # Ties of remainder go to the larger class, then the earlier label; counts never pass a size.
+    assert apportion(1, [2, 2]) == [1, 0]
+    assert apportion(1, [1, 3]) == [0, 1]
+    assert apportion(7, [4, 2, 1]) == [4, 2, 1]
+    assert apportion(0, []) == []
+    with pytest.raises(ValueError):
+        apportion(8, [4, 2, 1])
+
+
 def test_unscored_samples_rank_after_the_scored_ones():
     nan = float("nan")
     indices = [10, 11, 12, 13, 14]

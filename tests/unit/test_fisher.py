@@ -356,3 +356,44 @@ def test_head_score_matches_autograd_on_a_decoder(head):
 
     got = head_fisher_trace(out.logits, out.features, batch["labels"], out.has_bias)
     assert torch.allclose(got, torch.stack(expected), rtol=1e-4, atol=1e-7)
+
+
+def test_training_pass_score_undoes_the_heads_dropout():
+    """The online refresh scores a sample from its training forward pass. With the classifier's
+    dropout (p = 0.5 here, the body's dropouts off) the head's input is h·mask/(1 - p): the
+    undropped view must give exactly the eval-mode logits and features, while the dropped view
+    differs (zeros, and the kept units doubled)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fibecfed.fisher import head_fisher_trace
+    from fibecfed.heads import class_logits_and_features
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        classifier_dropout=0.5,
+    )
+    lora = LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"])
+    model = get_peft_model(BertForSequenceClassification(config), lora)
+    batch = random_batch()
+    model.eval()
+    with torch.no_grad():
+        reference = class_logits_and_features(model, batch, "classifier")
+    assert reference.undropped_features is None  # eval mode: nothing to undo
+    model.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = class_logits_and_features(model, batch, "classifier")
+    assert not torch.allclose(out.features, reference.features)
+    assert bool((out.features == 0).any())
+    logits, features = out.for_scores()
+    assert torch.allclose(features, reference.features, atol=1e-6)
+    assert torch.allclose(logits, reference.logits, atol=1e-6)
+    labels = batch["labels"]
+    assert torch.allclose(
+        head_fisher_trace(logits, features, labels, out.has_bias),
+        head_fisher_trace(reference.logits, reference.features, labels, reference.has_bias),
+        atol=1e-6,
+    )

@@ -28,6 +28,29 @@ def test_sample_batches_cover_pool_before_repeating():
         sample_batches([], 4, 1, np.random.default_rng(0))
 
 
+def test_batch_that_joins_two_passes_holds_no_sample_twice():
+    # 10 samples in batches of 4: the third batch takes 2 from the first pass and 2 from the
+    # second. Before the fix the second pass's shuffle could open with a sample still held.
+    pool = list(range(10))
+    for seed in range(200):
+        for batch in sample_batches(pool, 4, 12, np.random.default_rng(seed)):
+            assert len(set(batch)) == len(batch), (seed, batch)
+    # 7 samples, batches of 3, 7 steps = 3 whole passes: every pass still covers the pool.
+    batches = sample_batches(list(range(7)), 3, 7, np.random.default_rng(1))
+    flat = [i for b in batches for i in b]
+    assert [sorted(flat[k * 7 : (k + 1) * 7]) for k in range(3)] == [list(range(7))] * 3
+    assert all(len(set(b)) == 3 for b in batches)
+
+
+def test_next_pass_moves_held_samples_after_the_joining_batch():
+    from fibecfed.training import _next_pass
+
+    # Held 5 and 2 from the last pass; the batch needs 2 more. The shuffle 2,7,5,1,3 gives
+    # 7 and 1 first (the first two not held), then 2,5,3 in shuffle order.
+    assert _next_pass([2, 7, 5, 1, 3], [5, 2], 2) == [7, 1, 2, 5, 3]
+    assert _next_pass([2, 7, 5], [], 3) == [2, 7, 5]
+
+
 def _loss_fn(model):
     def loss(batch):
         return torch.nn.functional.cross_entropy(class_logits(model, batch, "classifier"), batch["labels"])
