@@ -6,6 +6,8 @@
         --out bench/results/tuning-decoder-sst2-h200 model.device=cuda
     python bench/tune.py --grid labelwords --config bench-decoder --dataset sst2 --seeds 0,1 \
         --out bench/results/tuning-decoder-sst2-labelwords
+    python bench/tune.py --grid sparse --score personalised --config bench-decoder --dataset sst2 --seeds 0,1 \
+        --out bench/results/tuning-decoder-sst2-sparse model.device=cuda
 
 Each method runs the same number of configurations (a 3 x 2 grid) with the same seeds on one
 tuning dataset, which is then left out of the benchmark table (`--grid client`, the default):
@@ -19,8 +21,12 @@ grid for FedAvg's clients (the `fedadam` baseline) and for FibecFed's, each clie
 tuned rates (federation.server_opt, docs/defaults.md). `--grid measure` compares FibecFed's
 layer-sensitivity measures (`gain`, the default, against `relative_gain`), a switch the other
 methods lack; FedAvg runs beside them as a reference row. `--grid labelwords` turns the decoder's
-trainable label words (model.train_label_words) on and off for FedAvg and FibecFed alike. key=value arguments are config overrides
-for every run (e.g. `model.device=cuda`), in any order with the options.
+trainable label words (model.train_label_words) on and off for FedAvg and FibecFed alike.
+`--grid sparse` compares FibecFed's sparse share of the personal layers (0.1, 0.3, 1.0), with
+FedAvg as a reference row; a switch of the personal layers alone barely moves the global score, so
+run it with `--score personalised` (the area under the all-devices personalised accuracy).
+
+key=value arguments are config overrides for every run (e.g. `model.device=cuda`), in any order with the options.
 
 A configuration's score is the area under its global accuracy curve: the mean accuracy over all
 evaluated rounds 1..T, averaged over the seeds. It rewards learning early and ending high, and
@@ -68,7 +74,17 @@ MEASURE_GRID: dict[str, list[list[str]]] = {
 # (the pretrained rows) against on, at the decoder preset's adapter rate for the rows too.
 LABEL_WORDS = ["model.train_label_words=true", "train.head_lr=0.001"]
 LABEL_WORDS_GRID: dict[str, list[list[str]]] = {"fedavg": [[], LABEL_WORDS], "fibecfed": [[], LABEL_WORDS]}
-GRIDS = {"client": GRID, "server": SERVER_GRID, "measure": MEASURE_GRID, "labelwords": LABEL_WORDS_GRID}
+# FibecFed's sparse share rho of the personal layers (method.sparse.share), chosen at 0.1 on
+# MiniLM (docs/defaults.md, study 1). On the decoder the gain measure aggregates layer 0, so every
+# round's backward pass reaches every layer and a larger share costs about nothing: the question is
+# whether the personal layers (25 of 30) then reach the personalised target in fewer rounds.
+SPARSE_GRID: dict[str, list[list[str]]] = {
+    "fibecfed": [[], ["method.sparse.share=0.3"], ["method.sparse.share=1.0"]],
+    "fedavg": [[]],  # a reference row: FedAvg has no such switch
+}
+GRIDS = {"client": GRID, "server": SERVER_GRID, "measure": MEASURE_GRID, "labelwords": LABEL_WORDS_GRID,
+         "sparse": SPARSE_GRID}
+SCORES = {"global": "accuracy", "personalised": "personalized_accuracy"}
 
 
 def label(method: str, overrides: list[str]) -> str:
@@ -79,9 +95,11 @@ def folder(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("_")
 
 
-def area_under_curve(rows: list[dict]) -> float:
-    """Mean global score over the evaluated rounds after round 0."""
-    values = [r["accuracy"] for r in rows if r["round"] > 0 and r.get("accuracy") is not None]
+def area_under_curve(rows: list[dict], key: str = "accuracy") -> float:
+    """Mean score `key` (global accuracy by default) over the evaluated rounds after round 0."""
+    values = [r[key] for r in rows if r["round"] > 0 and r.get(key) is not None]
+    if not values:
+        raise ValueError(f"no round after round 0 recorded {key!r}")
     return statistics.fmean(values)
 
 
@@ -97,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", choices=sorted(GRIDS), default="client",
                         help="client: learning rates (and FedProx's mu); server: FedAdam's server learning rate; "
                              "measure: FibecFed's layer-sensitivity measure; labelwords: the decoder's trainable label words")
+    parser.add_argument("--score", choices=sorted(SCORES), default="global",
+                        help="the curve whose area decides: global accuracy (the protocol's criterion) or the "
+                             "personalised accuracy over all devices (for a switch of the personal layers only)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run (e.g. model.device=cuda)")
     args = parse_args(parser, argv)
     grid = GRIDS[args.grid]
@@ -120,14 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         for overrides in configs:
             name = label(method, overrides)
             runs = [outputs.read_metrics(args.out / folder(name) / f"seed{s}" / "metrics.jsonl") for s in seeds]
-            aucs = [area_under_curve(rows) for rows in runs]
+            aucs = [area_under_curve(rows, SCORES[args.score]) for rows in runs]
             finals = [[r for r in rows if r.get("accuracy") is not None][-1]["accuracy"] for rows in runs]
             pers = [[r for r in rows if r.get("accuracy") is not None][-1].get("personalized_accuracy") for rows in runs]
             table[name] = {"method": method, "overrides": overrides, "auc": statistics.fmean(aucs), "aucs": aucs,
                            "final": statistics.fmean(finals), "final_personalized": statistics.fmean(p for p in pers if p is not None)}
     chosen = {m: max((n for n, e in table.items() if e["method"] == m), key=lambda n: table[n]["auc"]) for m in grid}
     overrides = f", overrides `{' '.join(args.overrides)}`" if args.overrides else ""
-    lines = [f"Tuning on {args.dataset} ({args.config} preset{overrides}), seeds {seeds}: score = mean global accuracy "
+    lines = [f"Tuning on {args.dataset} ({args.config} preset{overrides}), seeds {seeds}: score = mean {args.score} accuracy "
              "over rounds 1..T (area under the curve), averaged over seeds.", "",
              "| configuration | score (AUC) | per seed | final accuracy | final personalised | chosen |", "|---|---|---|---|---|---|"]
     for name, e in table.items():
@@ -135,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{e['final_personalized']:.3f} | {'**yes**' if chosen[e['method']] == name else ''} |")
     text = "\n".join(lines) + "\n"
     outputs.write_json(args.out / "tuning.json", {"dataset": args.dataset, "config": args.config, "overrides": args.overrides,
+                                                    "score": args.score,
                                                     "seeds": seeds, "table": table, "chosen": chosen})
     outputs.atomic_write_text(args.out / "tuning.md", text)
     print(text)
