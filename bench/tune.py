@@ -23,7 +23,7 @@ layer-sensitivity measures (`gain`, the default, against `relative_gain`), a swi
 methods lack; FedAvg runs beside them as a reference row. `--grid labelwords` turns the decoder's
 trainable label words (model.train_label_words) on and off for FedAvg and FibecFed alike.
 `--grid sparse` compares FibecFed's sparse share of the personal layers (0.1, 0.3, 1.0), with
-FedAvg as a reference row; a switch of the personal layers alone barely moves the global score, so
+FedAvg as a reference row; the personal layers are not in the global model, so
 run it with `--score personalised` (the area under the all-devices personalised accuracy).
 
 key=value arguments are config overrides for every run (e.g. `model.device=cuda`), in any order with the options.
