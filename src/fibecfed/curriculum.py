@@ -179,9 +179,9 @@ def class_balanced_pool(
     class keeps the easy-to-hard order and the device's class mix. Our choice, not the paper's.
 
     The pool holds ⌈fraction·n⌉ samples, as an unbalanced pool does, shared out over the classes
-    in proportion to their sizes (`apportion`): a class whose share rounds to nothing may have no
-    sample in an early pool. (Rounding each class up on its own gave up to C − 1 samples more than
-    the fraction the round reports.)
+    in proportion to their sizes, every class at least one once the pool has room (`class_counts`).
+    (Rounding each class up on its own gave up to C − 1 samples more than the fraction the round
+    reports.)
     """
     score_list = scores.tolist() if isinstance(scores, torch.Tensor) else list(scores)
     if not (len(score_list) == len(indices) == len(labels)):
@@ -192,7 +192,7 @@ def class_balanced_pool(
         members[0].append(int(index))
         members[1].append(float(score))
     labels_sorted = sorted(by_class)
-    counts = apportion(pool_size(fraction, len(indices)), [len(by_class[label][0]) for label in labels_sorted])
+    counts = class_counts(pool_size(fraction, len(indices)), [len(by_class[label][0]) for label in labels_sorted])
     pool: list[int] = []
     for label, count in zip(labels_sorted, counts):
         members, member_scores = by_class[label]
@@ -200,22 +200,26 @@ def class_balanced_pool(
     return pool
 
 
-def apportion(total: int, sizes: Sequence[int]) -> list[int]:
-    """`total` items shared over groups of `sizes` in proportion (largest remainder), each at
-    most its size; the counts add up to `total`.
+def class_counts(total: int, sizes: Sequence[int]) -> list[int]:
+    """`total` pool samples shared over classes of `sizes`, in proportion, each at most its size.
 
-    Group c's quota is total·size_c / n; each gets the whole part, and the items left go one
-    each to the largest fractional parts (ties: the larger group, then the earlier one). Exact
-    integer arithmetic, so a quota of exactly 2 is never 1.999… rounded down.
+    Handed out one at a time, each to the class with the most samples per pool place so far
+    (the largest size_c / count_c; a class with none first; ties: the larger class, then the
+    earlier one): Adams's divisor method. So every class of the device is in the pool as soon as
+    the pool has room for one of each, and a class never loses a place when the pool grows
+    (largest remainder can take the one sample of a small class out of a larger pool).
     """
     n = sum(sizes)
     if not 0 <= total <= n:
-        raise ValueError(f"cannot share {total} items over groups of {list(sizes)} ({n} in all)")
-    if n == 0:
-        return [0] * len(sizes)
-    counts = [total * size // n for size in sizes]
-    remainders = [total * size % n for size in sizes]
-    by_remainder = sorted(range(len(sizes)), key=lambda c: (-remainders[c], -sizes[c], c))
-    for c in by_remainder[: total - sum(counts)]:
-        counts[c] += 1
+        raise ValueError(f"cannot take {total} samples from classes of {list(sizes)} ({n} in all)")
+    counts = [0] * len(sizes)
+    for _ in range(total):
+        open_classes = [c for c in range(len(sizes)) if counts[c] < sizes[c]]
+        # size/count compared as size_c * count_d > size_d * count_c: exact, no division by zero.
+        best = open_classes[0]
+        for c in open_classes[1:]:
+            ahead = sizes[c] * counts[best] - sizes[best] * counts[c]
+            if ahead > 0 or (ahead == 0 and sizes[c] > sizes[best]):
+                best = c
+        counts[best] += 1
     return counts

@@ -501,11 +501,12 @@ def device_round(
             return runner.loss(batch)
         out = runner.head_output(batch)
         # Each trained sample's difficulty, current, from this very forward pass (free). It is a
-        # training pass: the head's own dropout (BERT's classifier dropout on the pooled output,
-        # 0.1 for MiniLM) would make ‖h‖² about 1/(1 - p) of its eval-mode value, so the score
-        # uses the head's input and logits before that dropout (HeadOutput.for_scores), on the
-        # scale of the initial eval-mode scores it is ranked with. The body's own dropouts stay
-        # (an eval-mode score would cost a second forward pass); the decoder has none.
+        # training pass: the dropout right before the head (BERT's classifier dropout on the
+        # pooled output, 0.1 for MiniLM) would make ‖h‖² about 1/(1 - p) of its eval-mode value,
+        # so the score uses the head's input and logits before that dropout
+        # (HeadOutput.for_scores), on the scale of the initial eval-mode scores it is ranked with.
+        # Earlier dropouts stay (an eval-mode score would cost a second forward pass); the
+        # decoder has none.
         score_logits, score_features = out.for_scores()
         trace = head_fisher_trace(score_logits, score_features, batch["labels"], out.has_bias)
         if curriculum.normalize_by_length:

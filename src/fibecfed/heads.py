@@ -23,11 +23,12 @@ class HeadOutput:
     features: torch.Tensor
     has_bias: bool
     # In training mode, where the head's input came straight out of a dropout (BERT's and
-    # RoBERTa's classifier dropout): the logits and features that input would have given
-    # without that dropout, (B, C) and (B, H); None otherwise. Kept apart because the loss must
-    # use the dropped-out ones. A difficulty score from a training pass (the online refresh)
-    # then matches an eval-mode score in scale: inverted dropout makes ‖h‖² about 1/(1 - p)
-    # of its value. The dropouts deeper in the body stay; LayerNorm keeps their effect on ‖h‖ small.
+    # DistilBERT's classifier dropout, the second of RoBERTa's two): the logits and features
+    # without that one dropout, (B, C) and (B, H); None otherwise. Kept apart because the loss
+    # must use the dropped-out ones. A difficulty score from a training pass (the online refresh)
+    # then matches an eval-mode score in scale where that is the only dropout after the body's
+    # last LayerNorm (BERT, DistilBERT): inverted dropout makes ‖h‖² about 1/(1 - p) of its
+    # value. Dropouts earlier stay: RoBERTa's first one, before its dense layer, still moves ‖h‖.
     undropped_logits: torch.Tensor | None = None
     undropped_features: torch.Tensor | None = None
 
@@ -121,14 +122,17 @@ def class_logits_and_features(
     if head != "classifier":
         return _verbalizer(model, inputs, head, label_token_ids)
     num_classes = int(model.config.num_labels) if hasattr(model, "config") else None
-    calls: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []
-    dropped: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) of each dropout
+    # (module, input, output, undropped input or None) of each candidate head call.
+    calls: list[tuple[nn.Linear, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+    last_dropout: list[tuple[torch.Tensor, torch.Tensor]] = []  # the latest dropout's (input, output) only
 
     def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        calls.append((module, args[0], output))
+        # The very tensor the latest dropout returned is this map's input: keep that dropout's input.
+        source = last_dropout[0][0] if last_dropout and last_dropout[0][1] is args[0] else None
+        calls.append((module, args[0], output, source))
 
     def record_dropout(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        dropped.append((args[0], output))
+        last_dropout[:] = [(args[0], output)]  # one slot: the body's dropouts are not kept alive
 
     handles = [
         m.register_forward_hook(record)
@@ -144,12 +148,11 @@ def class_logits_and_features(
             handle.remove()
     batch_size = logits.shape[0]
     rows = torch.arange(batch_size, device=logits.device)
-    for module, x, out in reversed(calls):
+    last_dropout.clear()
+    for module, x, out, source in reversed(calls):
         if out.shape == logits.shape and torch.equal(out, logits):
             output = HeadOutput(logits, x.reshape(batch_size, -1), module.bias is not None)
-            # The very tensor a dropout returned is the head's input: undo that dropout.
-            source = next((before for before, after in reversed(dropped) if after is x), None)
-            if source is not None:
+            if source is not None:  # the head's input came straight out of a dropout: undo it
                 with torch.no_grad():
                     output.undropped_logits = module(source).reshape(logits.shape)
                 output.undropped_features = source.reshape(batch_size, -1)

@@ -121,25 +121,30 @@ def test_class_balanced_pool_takes_the_easiest_share_of_each_class():
 
 
 def test_class_balanced_pool_holds_the_fraction_not_one_per_class_more():
-    from fibecfed.curriculum import apportion, class_balanced_pool
+    from fibecfed.curriculum import class_counts, class_balanced_pool
 
-    # 7 samples: class 0 has 4, class 1 has 2, class 2 has 1. At 0.3 the pool is ceil(2.1) = 3.
-    # Quotas 3*4/7 = 1.71, 3*2/7 = 0.86, 3*1/7 = 0.43: whole parts 1, 0, 0; the 2 left go to the
-    # largest remainders, class 1 (6/7) then class 0 (5/7): counts 2, 1, 0. Rounding each class
-    # up on its own gave 2 + 1 + 1 = 4.
-    assert apportion(3, [4, 2, 1]) == [2, 1, 0]
+    # 7 samples: class 0 has 4, class 1 has 2, class 2 has 1. At 0.3 the pool is ceil(2.1) = 3
+    # samples. One at a time to the largest size/count (none first; ties to the larger class):
+    # class 0 (all empty, largest), class 1 (2/0), class 2 (1/0): 1, 1, 1. Rounding each class
+    # up on its own gave ceil(1.2) + ceil(0.6) + ceil(0.3) = 4.
+    assert class_counts(3, [4, 2, 1]) == [1, 1, 1]
+    assert class_counts(4, [4, 2, 1]) == [2, 1, 1]  # 4/1 against 2/1 and 1/1
+    assert class_counts(5, [4, 2, 1]) == [3, 1, 1]  # 4/2 ties 2/1: the larger class
     indices = [10, 11, 12, 13, 14, 15, 16]
     labels = [0, 0, 0, 0, 1, 1, 2]
     scores = [0.4, 0.1, 0.3, 0.2, 0.9, 0.5, 0.0]
-    assert class_balanced_pool(indices, scores, labels, 0.3) == [11, 13, 15]
-    assert len(class_balanced_pool(indices, scores, labels, 0.5)) == 4  # ceil(3.5)
-    # Ties of remainder go to the larger class, then the earlier label; counts never pass a size.
-    assert apportion(1, [2, 2]) == [1, 0]
-    assert apportion(1, [1, 3]) == [0, 1]
-    assert apportion(7, [4, 2, 1]) == [4, 2, 1]
-    assert apportion(0, []) == []
+    assert class_balanced_pool(indices, scores, labels, 0.3) == [11, 15, 16]
+    assert class_balanced_pool(indices, scores, labels, 0.5) == [11, 13, 15, 16]  # ceil(3.5) = 4
+    assert class_counts(1, [2, 2]) == [1, 0]
+    assert class_counts(1, [1, 3]) == [0, 1]
+    assert class_counts(7, [4, 2, 1]) == [4, 2, 1]
+    assert class_counts(0, []) == []
+    # A class never loses a place as the pool grows (largest remainder gives [1, 1, 1] at 3 and
+    # [0, 2, 2] at 4 for these sizes).
+    assert [class_counts(t, [1, 3, 3]) for t in range(3, 8)] == [
+        [1, 1, 1], [1, 2, 1], [1, 2, 2], [1, 3, 2], [1, 3, 3]]
     with pytest.raises(ValueError):
-        apportion(8, [4, 2, 1])
+        class_counts(8, [4, 2, 1])
 
 
 def test_unscored_samples_rank_after_the_scored_ones():

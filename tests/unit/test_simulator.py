@@ -421,8 +421,9 @@ def test_a_layer_that_joins_starts_from_the_devices_own_values(tiny_encoder_dir)
 def test_online_refresh_rescores_exactly_the_trained_samples(tiny_encoder_dir):
     """The initialisation phase scores with the initial model; the round trains from another
     (global) state, and each trained sample's score becomes its head Fisher trace in that step's
-    forward pass (dropout off, one step: the global model's), on the same scale; the others keep
-    their initial scores."""
+    forward pass (one step: the global model's), on the same scale; the others keep their
+    initial scores. The body's dropouts are off; the classifier's dropout is on at p = 0.5, and
+    the refreshed score must still be the eval-mode one: it is taken before that dropout."""
     import dataclasses
 
     import numpy as np
@@ -436,9 +437,10 @@ def test_online_refresh_rescores_exactly_the_trained_samples(tiny_encoder_dir):
             "method=fibecfed", f"method.curriculum.normalize_by_length={str(normalize).lower()}"])
         prepared = prepare(config)
         runner = prepared.runner
-        for module in runner.loaded.model.modules():
+        for name, module in runner.loaded.model.named_modules():
             if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+                module.p = 0.5 if name == "base_model.model.dropout" else 0.0  # BERT's classifier dropout
+        assert runner.loaded.model.base_model.model.dropout.p == 0.5
         initial = runner.state()
         moved = {k: v * 3.0 if ".lora_" not in k else v for k, v in initial.items()}  # a trained head
         curriculum = dataclasses.replace(curriculum_settings(config), score_samples=None)
