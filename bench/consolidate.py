@@ -46,9 +46,10 @@ def consolidate(
 
 
 def score(run: Path) -> dict[str, float | int]:
+    missing = [name for name in ("checkpoint.pt", "config.json", "summary.json") if not (run / name).is_file()]
+    if missing:
+        raise SystemExit(f"{run}: no {', '.join(missing)} (not a finished run folder)")
     checkpoint = outputs.load_checkpoint(run / "checkpoint.pt")
-    if checkpoint is None:
-        raise SystemExit(f"{run}: no checkpoint.pt (not a finished run folder)")
     config = config_from_dict(json.loads((run / "config.json").read_text()))
     prepared = prepare(config)
     global_state = checkpoint["global_state"]
