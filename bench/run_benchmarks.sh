@@ -9,8 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 shared=$(cd "${1:-../shared/datasets}" && pwd)
 seeds=${2:-0,1,2}
-# FedProx (tuned like the others) is a third method to add here; a 2-core session fits only two.
-methods=${3:-fedavg,fibecfed}
+# FedProx runs at its tuned rate and mu (docs/defaults.md). Each setting is one folder, so a
+# session short of time can run the methods apart (third argument `fedprox`, later) into it.
+methods=${3:-fedavg,fedprox,fibecfed}
 export OMP_NUM_THREADS=1
 fib="$(dirname "$0")/../.venv/bin/fibecfed"
 {
@@ -18,7 +19,7 @@ fib="$(dirname "$0")/../.venv/bin/fibecfed"
   $fib compare --config bench --no-progress --methods "$methods" --seeds "$seeds" \
     --out bench/results/subj data.name=subj "data.path=$shared/subj"
   # The decoder (SmolLM2-135M through label words).
-  $fib compare --config bench-decoder --no-progress --methods fedavg,fibecfed --seeds "$seeds" \
+  $fib compare --config bench-decoder --no-progress --methods "$methods" --seeds "$seeds" \
     --out bench/results/tweets-smollm2
   # The paper's scale: 100 devices, 10 a round, Dirichlet label skew (preset paper).
   $fib compare --config paper --no-progress --methods "$methods" --seeds "$seeds" \
