@@ -1,6 +1,6 @@
 """Where a device round's compute goes: FibecFed's pieces against FedAvg's local epoch.
 
-    python bench/profile_round.py --dataset sst2 [--devices 0,1,2] [--repeats 3] [key=value ...]
+    python bench/profile_round.py --dataset sst2 [--devices 0,1,2] [--repeats 3] [--sizes-only] [key=value ...]
 
 Each piece runs on the same device's real data with the bench preset's model and settings (plus
 any overrides), timed as process CPU time (the clock behind the simulated federated time), and
@@ -71,7 +71,9 @@ def prepare_fibecfed(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = profile_parser(__doc__).parse_args(argv)
+    parser = profile_parser(__doc__)
+    parser.add_argument("--sizes-only", action="store_true", help="print the devices' training samples and stop")
+    args = parser.parse_args(argv)
     config, prepared = prepare_fibecfed(args)
     runner, train = prepared.runner, prepared.train
     settings = train_settings(config)
@@ -90,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
     pieces: dict[str, list[float]] = {}
     devices = [int(d) for d in args.devices.split(",")]
+    sizes = ", ".join(str(len(prepared.train_parts[d])) for d in devices)
+    if args.sizes_only:
+        print(f"{args.dataset}, {args.config} preset: devices {args.devices} hold {sizes} training samples")
+        return 0
     # The warm-up round (every layer trains locally, only the head travels); the probes of the
     # devices' trained models, combined as the server does, pick the aggregation layers.
     warmed, probes = {}, []
@@ -146,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     off = medians[f"fibecfed round {full} (100% pool), personal layers frozen"]
     cycle = (on + (every - 1) * off) / every
     print(f"\n{args.dataset}, {args.config} preset {' '.join(args.overrides)}, process CPU seconds, median of "
-          f"{len(pieces[FEDAVG])} (devices {args.devices} x {args.repeats} repeats), one torch thread; "
+          f"{len(pieces[FEDAVG])} (devices {args.devices} of {sizes} training samples x {args.repeats} repeats), one torch thread; "
           f"aggregation layers chosen from the devices' combined probes: {layers}\n")
     print("| piece | CPU s | share of a FedAvg round |")
     print("|---|---|---|")

@@ -10,7 +10,10 @@ devices, failed devices, aggregated layers) to find those downloads, sizes them 
 checkpoint (per layer, `accounting.serialized_nbytes`), adds them to the rows' `device_costs`,
 and recomputes the simulated time to the comparison's targets at the run's link speed. It prints
 the time ratio to the reference method before and after, seed by seed. Runs need their
-checkpoint.pt (the folders on the machine that ran them; they are not committed).
+checkpoint.pt (the folders on the machine that ran them; they are not committed), or, for
+committed folders without it, `--config PRESET`: the per-layer sizes then come from the run's
+model and LoRA built afresh (a key's serialized size depends only on its shape and dtype, which
+the run's training does not change). The comparison's own overrides are applied to the preset.
 """
 
 from __future__ import annotations
@@ -32,6 +35,24 @@ PERSONAL = "personalized_accuracy"
 def layer_bytes(checkpoint: Path) -> dict[int, int]:
     """Serialized bytes of each layer's adapter keys, from a run's checkpoint."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["global_state"]
+    layers = sorted({layer_of_key(k) for k in state} - {None})
+    return {layer: serialized_nbytes({k: v for k, v in state.items() if layer_of_key(k) == layer}) for layer in layers}
+
+
+def model_layer_bytes(preset: str, overrides: list[str]) -> dict[int, int]:
+    """Serialized bytes of each layer's adapter keys, from the preset's model built afresh (the
+    same shapes and dtypes as any checkpoint of a run of it)."""
+    from fibecfed.adapters import get_state, trainable_parameters
+    from fibecfed.config import load_config
+    from fibecfed.models import load_model
+
+    config = load_config(preset, overrides)
+    loaded = load_model(
+        config.model.name, num_labels=2, head=config.model.head, label_words=config.model.label_words or ["no", "yes"],
+        lora_r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules, device="cpu", cache_dir=config.model.cache_dir,
+    )
+    state = get_state(trainable_parameters(loaded.model))
     layers = sorted({layer_of_key(k) for k in state} - {None})
     return {layer: serialized_nbytes({k: v for k, v in state.items() if layer_of_key(k) == layer}) for layer in layers}
 
@@ -77,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--method", default="fibecfed")
     parser.add_argument("--reference", default="fedavg")
+    parser.add_argument("--config", help="the preset the comparison ran with; sizes the layers when a run's checkpoint.pt is gone")
     args = parser.parse_args(argv)
     comparison = json.loads((args.folder / "comparison.json").read_text())
     speeds = comparison["run_bandwidth_mbps"]  # by method
@@ -85,13 +107,22 @@ def main(argv: list[str] | None = None) -> int:
     mbps = speeds[args.method]
     targets = {"global": (comparison["target"], GLOBAL), "personalised": (comparison["personalized_target"], PERSONAL)}
     print(f"{args.folder}: {args.method} against {args.reference} at {mbps} Mbit/s\n")
+    model_sizes = None
     print("| seed | score | bytes added (MB) | time ratio before | time ratio after |")
     print("|---|---|---|---|---|")
     for seed in comparison["seeds"]:
         run = args.folder / args.method / f"seed{seed}"
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
         reference = [json.loads(line) for line in (args.folder / args.reference / f"seed{seed}" / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        fixed, added = with_stale_downloads(rows, layer_bytes(run / "checkpoint.pt"))
+        if (run / "checkpoint.pt").is_file():
+            sizes = layer_bytes(run / "checkpoint.pt")
+        elif args.config is not None:
+            if model_sizes is None:
+                model_sizes = model_layer_bytes(args.config, [*comparison["overrides"], *comparison["methods"][args.method]["overrides"]])
+            sizes = model_sizes
+        else:
+            raise SystemExit(f"{run} has no checkpoint.pt: name the preset it ran with (--config) to size its layers from the model")
+        fixed, added = with_stale_downloads(rows, sizes)
         for score, (target, key) in targets.items():
             base = time_to(reference, target, key, mbps)
             before, after = time_to(rows, target, key, mbps), time_to(fixed, target, key, mbps)
