@@ -256,13 +256,15 @@ def round_breakdown(rows: Sequence[dict[str, Any]], bandwidth_mbps: float) -> di
     A round lasts as long as its slowest device's download + compute + upload. Every sampled
     device moves the same bytes (the exchanged keys), so a device's transfer seconds are the
     round's bytes over the device count at `bandwidth_mbps`, and compute is the rest.
-    Scoring is the curriculum/mask/sensitivity overhead per device (already inside compute).
+    Scoring is the curriculum/mask/sensitivity overhead per device (already inside compute);
+    `round_probe_s`, where the runs record it, the layer-sensitivity probes' (also inside compute,
+    not inside scoring), per device.
     Runs that record `compute_time_s` add the slowest device's compute per round
     (`round_compute_only_s`) and the mean initialisation-phase seconds of a device
     (`init_background_s`: the difficulty scoring a device runs once, in the background, from the
     4th entry of `device_costs`; the part of it that delays a round is inside that round's time).
     """
-    sims, transfers, scorings, uploads, fractions, computes = [], [], [], [], [], []
+    sims, transfers, scorings, probes, uploads, fractions, computes = [], [], [], [], [], [], []
     prev = None
     for row in rows:
         if prev is not None and row["round"] > 0:
@@ -272,6 +274,8 @@ def round_breakdown(rows: Sequence[dict[str, Any]], bandwidth_mbps: float) -> di
             sims.append(row["sim_time_s"] - prev["sim_time_s"])
             transfers.append((up + down) / n * 8.0 / (bandwidth_mbps * 1e6))
             scorings.append((row.get("scoring_seconds") or 0.0) / n)
+            if "probe_seconds" in row:  # runs since the simulator recorded it
+                probes.append(row["probe_seconds"] / n)
             uploads.append(up / n)
             fractions.append(row.get("curriculum_fraction", 1.0) or 1.0)
             if row.get("compute_time_s") is not None and prev.get("compute_time_s") is not None:
@@ -285,6 +289,7 @@ def round_breakdown(rows: Sequence[dict[str, Any]], bandwidth_mbps: float) -> di
         "round_transfer_s": transfer,
         "round_compute_s": sim - transfer,
         "round_scoring_s": statistics.fmean(scorings),
+        **({"round_probe_s": statistics.fmean(probes)} if len(probes) == len(sims) else {}),
         "round_device_upload_bytes": statistics.fmean(uploads),
         "round_curriculum_fraction": statistics.fmean(fractions),
     }
@@ -357,6 +362,7 @@ def summarise(
       final_personalized_accuracy (the last personalised score any device answered; the same as
       personalized_final_accuracy, kept for older readers);
       the round breakdown (round_sim_s, round_transfer_s, round_compute_s, round_scoring_s,
+      round_probe_s where every seed's rows record probe_seconds,
       round_device_upload_bytes, round_curriculum_fraction, and round_compute_only_s,
       init_background_s where the runs record compute_time_s); device_costs_seeds (seeds whose
       rows carry device_costs, i.e. can be swept); sweep_mismatch_s (the largest gap, over seeds,
@@ -399,6 +405,8 @@ def summarise(
             entry[name], entry[name + "_std"] = _mean_std(values)
         breakdowns = [round_breakdown(rows, (bandwidths or {}).get(label, 10.0)) for rows in seed_rows]
         for name in dict.fromkeys(n for b in breakdowns for n in b):
+            if name == "round_probe_s" and not all(name in b for b in breakdowns):
+                continue  # some seeds ran before the simulator recorded the probes: no mean of a part
             entry[name] = statistics.fmean(b[name] for b in breakdowns if name in b)
         entry["device_costs_seeds"] = sum(sim_time_at_bandwidth(rows, 1.0) is not None for rows in seed_rows)
         mismatches = [sweep_mismatch_s(rows, (bandwidths or {}).get(label, 10.0)) for rows in seed_rows]
@@ -614,20 +622,23 @@ def markdown_table(
         ]
     if all("round_sim_s" in e for e in table.values()):
         with_compute = all("round_compute_only_s" in e for e in table.values())
+        with_probe = all("round_probe_s" in e for e in table.values())
         lines += [
             "",
             "Where a round's simulated time goes (mean over rounds and seeds; compute includes scoring"
             + ("; compute only: the slowest device's compute, measured; init: a device's one-off initialisation-phase scoring, in the background" if with_compute else "")
             + "):",
             "",
-            "| method | sim. s / round | compute s | of which scoring s | transfer s | upload MB / device | curriculum fraction |"
+            "| method | sim. s / round | compute s | of which scoring s |" + (" of which probes s |" if with_probe else "")
+            + " transfer s | upload MB / device | curriculum fraction |"
             + (" compute only s / round | init s / device |" if with_compute else ""),
-            "|---|---|---|---|---|---|---|" + ("---|---|" if with_compute else ""),
+            "|---|---|---|---|---|---|---|" + ("---|" if with_probe else "") + ("---|---|" if with_compute else ""),
         ]
         for label, e in table.items():
             lines.append(
                 f"| {label} | {e['round_sim_s']:.2f} | {e['round_compute_s']:.2f} | {e['round_scoring_s']:.2f} | "
-                f"{e['round_transfer_s']:.2f} | {e['round_device_upload_bytes'] / 1e6:.2f} | {e['round_curriculum_fraction']:.2f} |"
+                + (f"{e['round_probe_s']:.2f} | " if with_probe else "")
+                + f"{e['round_transfer_s']:.2f} | {e['round_device_upload_bytes'] / 1e6:.2f} | {e['round_curriculum_fraction']:.2f} |"
                 + (f" {e['round_compute_only_s']:.2f} | {e['init_background_s']:.2f} |" if with_compute else "")
             )
     return "\n".join(lines) + "\n"

@@ -399,6 +399,7 @@ class Server:
             "aggregated_layers": None,
             "bytes_saved_vs_fedavg": 0,
             "scoring_seconds": 0.0,
+            "probe_seconds": 0.0,
         }
         self.history.append(row)
         return row
@@ -578,6 +579,9 @@ class Server:
             "trained_personal": sum(u.trained_personal for u in updates),
             "bytes_saved_vs_fedavg": totals["bytes_saved"],
             "scoring_seconds": round(sum(u.scoring_seconds for u in updates), 3),
+            # The layer-sensitivity probes (after training, and before the round when asked),
+            # summed over the devices; part of their compute, like scoring_seconds.
+            "probe_seconds": round(sum(u.probe_seconds for u in updates) + sum(plan.probe_seconds.get(u.device, 0.0) for u in updates), 3),
             "device_costs": [[round(c, 4), d, u, round(bg, 4)] for c, d, u, bg in costs],
             "wall_time_s": None,
             "sim_time_s": round(totals["sim_time_s"], 3),

@@ -118,6 +118,9 @@ def test_round_breakdown_by_hand():
     assert b["round_device_upload_bytes"] == pytest.approx(625_000)
     assert b["round_curriculum_fraction"] == pytest.approx(0.4)
     assert round_breakdown(history[:1], 10.0) == {}
+    assert "round_probe_s" not in b  # rows from before the simulator recorded the probes
+    probed = [history[0], {**history[1], "probe_seconds": 0.5}, {**history[2], "probe_seconds": 0.0}]
+    assert round_breakdown(probed, 10.0)["round_probe_s"] == pytest.approx(0.125)  # (0.5 / 2 devices + 0) / 2 rounds
 
 
 # --- personalised score, compute-only time, bandwidth sweep --------------------------------------

@@ -182,10 +182,11 @@ def test_warm_up_exchanges_the_head_and_the_probes_choose_the_layers():
     assert plan.probe is not None and plan.sparse is None
     a, b = plan.devices
     updates = [
-        update(a, {HEAD: torch.tensor([0.0, 0.0])}, 1, layer_scores=torch.tensor([1.0, 0.0, 0.0, 0.0])),
-        update(b, {HEAD: torch.tensor([0.0, 0.0])}, 3, layer_scores=torch.tensor([0.0, 0.0, 3.0, 1.0])),
+        update(a, {HEAD: torch.tensor([0.0, 0.0])}, 1, layer_scores=torch.tensor([1.0, 0.0, 0.0, 0.0]), probe_seconds=0.25),
+        update(b, {HEAD: torch.tensor([0.0, 0.0])}, 3, layer_scores=torch.tensor([0.0, 0.0, 3.0, 1.0]), probe_seconds=0.5),
     ]
     result = server.finish_round(plan, updates, [])
+    assert result.fields["probe_seconds"] == 0.75  # both devices' probes after training, summed
     # Scores averaged by data size: [0.25, 0, 2.25, 0.75]; the top half is layers 2 and 3.
     assert result.fields["layer_scores"] == [0.25, 0.0, 2.25, 0.75]
     assert server.selection["layers"] == [2, 3] and server.selection["layers_round"] == 2
@@ -223,6 +224,7 @@ def test_a_choice_before_the_round_waits_for_the_probes():
     assert plan.extra_download == {a: plan.full_bytes, b: plan.full_bytes}
     result = server.finish_round(plan, [update(a, dict(plan.state), 1, compute_seconds=1.0)], [])
     assert result.fields["device_costs"][0][0] == 1.5  # training plus the probe before it
+    assert result.fields["probe_seconds"] == 0.5  # only the device that sent an update counts
 
 
 @pytest.mark.parametrize(
