@@ -1,6 +1,6 @@
 """How much the stale-value download changes a finished comparison's time ratios.
 
-    python bench/stale_download.py bench/results/tweets-alone [--method fibecfed] [--reference fedavg]
+    python bench/stale_download.py bench/results/tweets-alone [--method fibecfed] [--reference fedavg] [--config PRESET]
 
 Until commit ed3fd49 the in-process runtime did not count one download that Flower counts: a
 device that lacks its own value of a non-exchanged key (a layer that was aggregated in its

@@ -256,7 +256,7 @@ def round_breakdown(rows: Sequence[dict[str, Any]], bandwidth_mbps: float) -> di
     A round lasts as long as its slowest device's download + compute + upload. Every sampled
     device moves the same bytes (the exchanged keys), so a device's transfer seconds are the
     round's bytes over the device count at `bandwidth_mbps`, and compute is the rest.
-    Scoring is the curriculum/mask/sensitivity overhead per device (already inside compute);
+    Scoring is the curriculum/mask/Fisher-probe overhead per device (already inside compute);
     `round_probe_s`, where the runs record it, the layer-sensitivity probes' (also inside compute,
     not inside scoring), per device.
     Runs that record `compute_time_s` add the slowest device's compute per round
@@ -625,7 +625,7 @@ def markdown_table(
         with_probe = all("round_probe_s" in e for e in table.values())
         lines += [
             "",
-            "Where a round's simulated time goes (mean over rounds and seeds; compute includes scoring"
+            "Where a round's simulated time goes (mean over rounds and seeds; compute includes scoring" + (" and probes" if with_probe else "")
             + ("; compute only: the slowest device's compute, measured; init: a device's one-off initialisation-phase scoring, in the background" if with_compute else "")
             + "):",
             "",
