@@ -819,6 +819,8 @@ def compare(
             if report_only:
                 if not (run_dir / "summary.json").is_file():
                     raise ConfigError(f"no finished run in {run_dir}; run the comparison without --report-only")
+            elif finished_run(run_dir, configs[(m.label, seed)]):
+                logger.info("%s, seed %d: reusing the finished run in %s", m.label, seed, run_dir)
             else:
                 (run_one or (lambda c, d: runtimes.run(c, d, progress=progress)))(configs[(m.label, seed)], run_dir)
             runs[m.label].append(score_rows(outputs.read_metrics(run_dir / "metrics.jsonl"), metric))
@@ -886,6 +888,21 @@ def compare(
         # Runs without device costs: no plot, and none left from an earlier report to contradict this one.
         (out / "bandwidth.png").unlink(missing_ok=True)
     return result
+
+
+def finished_run(run_dir: Path, config: RunConfig) -> bool:
+    """Whether `run_dir` holds a finished run of `config` (check_run_folder has refused a folder
+    holding any other config's run): the summary.json a run writes at its end says it did all the
+    config's rounds, and its metrics reach the last one. A comparison reuses such a run as it is:
+    resuming it would load the data and the model only to find no round left, and two
+    comparisons that share the folder would rewrite its device files at the same time."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        rows = outputs.read_metrics(run_dir / "metrics.jsonl")
+    except (OSError, ValueError):
+        return False
+    rounds = config.federation.rounds
+    return isinstance(summary, dict) and summary.get("rounds") == rounds and bool(rows) and rows[-1].get("round") == rounds
 
 
 def check_run_folder(run_dir: Path, config: RunConfig) -> None:

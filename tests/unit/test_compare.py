@@ -367,3 +367,30 @@ def test_the_final_personalised_score_is_the_last_one_any_device_answered():
     entry = summarise({"m": [seed0, seed1]}, 0.99, "m")["m"]
     assert entry["final_personalized_accuracy"] == pytest.approx((0.5 + 0.9) / 2)
     assert entry["personalized_final_accuracy"] == pytest.approx((0.5 + 0.9) / 2)
+
+
+def test_compare_reuses_finished_runs_and_resumes_the_others(tmp_path):
+    """A run whose summary and metrics reach the config's last round is read as it is; one that
+    stopped short (or never wrote its summary) is handed to the runtime, which resumes it."""
+    from fibecfed import outputs
+    from fibecfed.compare import compare
+
+    rounds = 3
+    calls = []
+
+    def run_one(config, run_dir):
+        calls.append((config.method.name, config.seed))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        outputs.write_metrics(run_dir / "metrics.jsonl", rows([0.3, 0.4, 0.5, 0.6]))
+        outputs.write_json(run_dir / "summary.json", {"rounds": config.federation.rounds})
+        return {}
+
+    args = (parse_methods("fedavg,fibecfed"), [0, 1], tmp_path)
+    compare(*args, run_one=run_one, overrides=[f"federation.rounds={rounds}"])
+    assert len(calls) == 4
+    calls.clear()
+    # fedavg seed 1's summary covers 2 of the 3 rounds; fibecfed seed 0 has no summary.json.
+    outputs.write_json(tmp_path / "fedavg" / "seed1" / "summary.json", {"rounds": 2})
+    (tmp_path / "fibecfed" / "seed0" / "summary.json").unlink()
+    compare(*args, run_one=run_one, overrides=[f"federation.rounds={rounds}"])
+    assert calls == [("fibecfed", 0), ("fedavg", 1)]
