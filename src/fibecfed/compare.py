@@ -891,11 +891,15 @@ def compare(
 
 
 def finished_run(run_dir: Path, config: RunConfig) -> bool:
-    """Whether `run_dir` holds a finished run of `config` (check_run_folder has refused a folder
-    holding any other config's run): the summary.json a run writes at its end says it did all the
-    config's rounds, and its metrics reach the last one. A comparison reuses such a run as it is:
-    resuming it would load the data and the model only to find no round left, and two
-    comparisons that share the folder would rewrite its device files at the same time."""
+    """Whether `run_dir` holds a finished run of `config`: its config.json is there (and
+    check_run_folder has refused it if it describes another config), the summary.json a run
+    writes at its end says it did all the config's rounds, and its metrics reach the last one. A
+    comparison reuses such a run as it is: resuming it would load the data and the model only to
+    find no round left, and two comparisons that share the folder would rewrite its device files
+    at the same time. Committed results (metrics and summary, no config.json) are not reused: a
+    comparison over them runs them again, which is how they are reproduced."""
+    if not (run_dir / "config.json").is_file():
+        return False
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
         rows = outputs.read_metrics(run_dir / "metrics.jsonl")

@@ -375,12 +375,15 @@ def test_compare_reuses_finished_runs_and_resumes_the_others(tmp_path):
     from fibecfed import outputs
     from fibecfed.compare import compare
 
+    from fibecfed.config import config_to_dict
+
     rounds = 3
     calls = []
 
     def run_one(config, run_dir):
         calls.append((config.method.name, config.seed))
         run_dir.mkdir(parents=True, exist_ok=True)
+        outputs.write_json(run_dir / "config.json", config_to_dict(config))
         outputs.write_metrics(run_dir / "metrics.jsonl", rows([0.3, 0.4, 0.5, 0.6]))
         outputs.write_json(run_dir / "summary.json", {"rounds": config.federation.rounds})
         return {}
@@ -394,3 +397,8 @@ def test_compare_reuses_finished_runs_and_resumes_the_others(tmp_path):
     (tmp_path / "fibecfed" / "seed0" / "summary.json").unlink()
     compare(*args, run_one=run_one, overrides=[f"federation.rounds={rounds}"])
     assert calls == [("fibecfed", 0), ("fedavg", 1)]
+    calls.clear()
+    # Committed results carry no config.json (it is not committed): they are run again.
+    (tmp_path / "fibecfed" / "seed1" / "config.json").unlink()
+    compare(*args, run_one=run_one, overrides=[f"federation.rounds={rounds}"])
+    assert calls == [("fibecfed", 1)]
