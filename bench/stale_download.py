@@ -34,7 +34,11 @@ PERSONAL = "personalized_accuracy"
 
 def layer_bytes(checkpoint: Path) -> dict[int, int]:
     """Serialized bytes of each layer's adapter keys, from a run's checkpoint."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["global_state"]
+    return bytes_by_layer(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_state"])
+
+
+def bytes_by_layer(state: dict[str, torch.Tensor]) -> dict[int, int]:
+    """Serialized bytes of each transformer layer's keys in `state` (keys outside the layers left out)."""
     layers = sorted({layer_of_key(k) for k in state} - {None})
     return {layer: serialized_nbytes({k: v for k, v in state.items() if layer_of_key(k) == layer}) for layer in layers}
 
@@ -52,9 +56,7 @@ def model_layer_bytes(preset: str, overrides: list[str]) -> dict[int, int]:
         lora_r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
         target_modules=config.lora.target_modules, device="cpu", cache_dir=config.model.cache_dir,
     )
-    state = get_state(trainable_parameters(loaded.model))
-    layers = sorted({layer_of_key(k) for k in state} - {None})
-    return {layer: serialized_nbytes({k: v for k, v in state.items() if layer_of_key(k) == layer}) for layer in layers}
+    return bytes_by_layer(get_state(trainable_parameters(loaded.model)))
 
 
 def with_stale_downloads(rows: list[dict], sizes: dict[int, int]) -> tuple[list[dict], int]:
