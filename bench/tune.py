@@ -8,6 +8,7 @@
         --out bench/results/tuning-decoder-sst2-labelwords
     python bench/tune.py --grid sparse --score personalised --config bench-decoder --dataset sst2 --seeds 0,1 \
         --out bench/results/tuning-decoder-sst2-sparse model.device=cuda
+    python bench/tune.py --grid firstpool --dataset sst2 --seeds 0,1,2 --out bench/results/tuning-sst2-firstpool
 
 Each method runs the same number of configurations (a 3 x 2 grid) with the same seeds on one
 tuning dataset, which is then left out of the benchmark table (`--grid client`, the default):
@@ -25,6 +26,8 @@ trainable label words (model.train_label_words) on and off for FedAvg and FibecF
 `--grid sparse` compares FibecFed's sparse share of the personal layers (0.1, 0.3, 1.0), with
 FedAvg as a reference row; the personal layers are not in the global model, so
 run it with `--score personalised` (the area under the all-devices personalised accuracy).
+`--grid firstpool` compares what FibecFed's round 1 trains on (method.curriculum.first_round_pool:
+the easiest share by scores it waits for, or a random pool), with FedAvg as a reference row.
 
 key=value arguments are config overrides for every run (e.g. `model.device=cuda`), in any order with the options.
 
@@ -82,8 +85,15 @@ SPARSE_GRID: dict[str, list[list[str]]] = {
     "fibecfed": [[], ["method.sparse.share=0.3"], ["method.sparse.share=1.0"]],
     "fedavg": [[]],  # a reference row: FedAvg has no such switch
 }
+# What round 1 trains on (method.curriculum.first_round_pool): the easiest share by the
+# initialisation-phase scores, which the devices of round 1 must wait for, or a random pool of the
+# same size while they score in the background (bench/critical_path.py bounds the time it saves).
+FIRST_POOL_GRID: dict[str, list[list[str]]] = {
+    "fibecfed": [[], ["method.curriculum.first_round_pool=random"]],
+    "fedavg": [[]],  # a reference row: FedAvg has no such switch
+}
 GRIDS = {"client": GRID, "server": SERVER_GRID, "measure": MEASURE_GRID, "labelwords": LABEL_WORDS_GRID,
-         "sparse": SPARSE_GRID}
+         "sparse": SPARSE_GRID, "firstpool": FIRST_POOL_GRID}
 SCORES = {"global": "accuracy", "personalised": "personalized_accuracy"}
 
 
@@ -114,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--grid", choices=sorted(GRIDS), default="client",
                         help="client: learning rates (and FedProx's mu); server: FedAdam's server learning rate; "
-                             "measure: FibecFed's layer-sensitivity measure; labelwords: the decoder's trainable label words")
+                             "measure: FibecFed's layer-sensitivity measure; labelwords: the decoder's trainable label words; "
+                             "sparse: FibecFed's sparse share; firstpool: what FibecFed's round 1 trains on")
     parser.add_argument("--score", choices=sorted(SCORES), default="global",
                         help="the curve whose area decides: global accuracy (the protocol's criterion) or the "
                              "personalised accuracy over all devices (for a switch of the personal layers only)")

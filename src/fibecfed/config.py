@@ -310,6 +310,11 @@ class CurriculumConfig:
     # not fit before the device's first round); "first_participation", with the model it
     # receives then, on the round's critical path.
     score_at: Literal["init", "first_participation"] = "init"
+    # With score_at=init, what the devices of round 1 train on: "scored", the easiest share by
+    # their scores (they wait for their initialisation phase: the run has only just started);
+    # "random", a random pool of the round's size (class-balanced if class_balanced), scoring
+    # after the round in the background, so that round 1 does not wait for it.
+    first_round_pool: Literal["scored", "random"] = "scored"
     # Score at most this many of a device's samples (a seeded random subset; null: all). The
     # others rank after the scored ones and join the pool last.
     score_samples: int | None = 256
@@ -335,6 +340,11 @@ class CurriculumConfig:
             issues.append(f"method.curriculum.score_batch_size must be >= 1, got {self.score_batch_size}")
         if self.score_samples is not None and self.score_samples < 1:
             issues.append(f"method.curriculum.score_samples must be >= 1 or null, got {self.score_samples}")
+        if self.first_round_pool == "random" and self.score_at != "init":
+            issues.append(
+                "method.curriculum.first_round_pool=random lets round 1 skip the wait for the initialisation "
+                f"phase: it needs method.curriculum.score_at=init (got {self.score_at})"
+            )
         if self.online_refresh and self.score_wrt != "head":
             issues.append(
                 "method.curriculum.online_refresh refreshes scores with the head's Fisher trace: it needs "

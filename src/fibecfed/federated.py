@@ -76,6 +76,7 @@ class CurriculumSettings:
     score_batch_size: int = 32
     scale_steps: bool = False
     total_rounds: int = 1
+    first_round_pool: str = "scored"
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,10 @@ class DeviceUpdate:
     curriculum_fraction: float = 1.0  # share of the device's data in this round's pool
     pool_size: int = 0
     scoring_seconds: float = 0.0  # part of compute_seconds spent on difficulty scores and Fisher
-    # Seconds of the initialisation-phase scoring this device ran before its first round (in the
-    # background: see config.CurriculumConfig.score_at); not part of compute_seconds.
+    # When, in seconds after the start of the run, the device's initialisation-phase scoring was
+    # done (it runs in the background: see config.CurriculumConfig.score_at and
+    # first_round_pool); it delays this round by the part the run's time before it did not cover.
+    # Not part of compute_seconds.
     background_seconds: float = 0.0
     layer_scores: torch.Tensor | None = None  # (L,) sensitivity of its trained model, when probed
     probe_seconds: float = 0.0  # part of compute_seconds spent on the probe
@@ -309,6 +312,26 @@ def curriculum_round_pool(
     return pool, fraction
 
 
+def random_round_pool(
+    train: EncodedDataset,
+    train_indices: Sequence[int],
+    round_num: int,
+    settings: CurriculumSettings,
+    rng: np.random.Generator,
+) -> tuple[list[int], float]:
+    """A pool of this round's size (⌈g(t)·n_k⌉) drawn at random, class-balanced if the curriculum
+    is: a device's first pool when it does not wait for its difficulty scores
+    (CurriculumSettings.first_round_pool="random")."""
+    fraction = pacing_fraction(
+        settings.pacing, round_num, settings.total_rounds, start_fraction=settings.start_fraction, full_at=settings.full_at
+    )
+    unscored = [float("nan")] * len(train_indices)
+    if settings.class_balanced:
+        labels = train.labels[list(train_indices)].tolist()
+        return class_balanced_pool(list(train_indices), unscored, labels, fraction, order="random", rng=rng), fraction
+    return curriculum_pool(list(train_indices), unscored, fraction, order="random", rng=rng), fraction
+
+
 def masks_from_fisher(
     fisher: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size], settings: SparseSettings
 ) -> dict[str, torch.Tensor]:
@@ -442,16 +465,26 @@ def device_round(
         runner.load_state({k: device_state.personal.get(k, global_state[k]) for k in personal_keys}, strict=False)
 
     background = 0.0
-    if curriculum is not None and curriculum.score_at == "init" and "scores" not in device_state.extra:
+    unscored = curriculum is not None and curriculum.score_at == "init" and "scores" not in device_state.extra
+    # In round 1 no device can have finished its initialisation-phase scoring (the run has only
+    # just started). With first_round_pool=random it does not wait for it: it trains this round on
+    # a random pool of the round's size and scores afterwards, in the background.
+    deferred = unscored and round_num == 1 and curriculum.first_round_pool == "random"
+    if unscored and not deferred:
         # The initialisation phase, which a real device runs as soon as it joins: timed apart.
         background_started = clock()
         initial_difficulty(runner, train, train_indices, device_state, initial_state, curriculum, seed, device)
         background = clock() - background_started
+    elif "scores_due_s" in device_state.extra:
+        # Scored after its round-1 training: done that many seconds after the start of the run.
+        background = float(device_state.extra.pop("scores_due_s"))
 
     rng = np.random.default_rng([seed, round_num, device, 1])
     started = clock()
     pool, fraction = list(train_indices), 1.0
-    if curriculum is not None:
+    if curriculum is not None and deferred:
+        pool, fraction = random_round_pool(train, train_indices, round_num, curriculum, np.random.default_rng([seed, round_num, device, 7]))
+    elif curriculum is not None:
         pool, fraction = curriculum_round_pool(runner, train, train_indices, device_state, round_num, curriculum, rng, seed, device)
     # The non-aggregated layers above the lowest aggregated one train every round: the backward
     # pass reaches them anyway. Those below it train in every k-th round (sparse.every), on every
@@ -542,6 +575,13 @@ def device_round(
         personal = set(personal_keys)
         kept = {k: v for k, v in previous.items() if base_key(k) in personal and k not in updated}
         device_state.extra["fisher"] = {**kept, **updated}
+    deferred_seconds = 0.0
+    if deferred:
+        # The initialisation phase, after the round's training (timed apart, not in its compute):
+        # the same scores as before it, since they come from the initial model.
+        deferred_started = clock()
+        initial_difficulty(runner, train, train_indices, device_state, initial_state, curriculum, seed, device)
+        deferred_seconds = clock() - deferred_started
     if recorded:
         position = {index: i for i, index in enumerate(train_indices)}
         scores = device_state.extra["scores"].clone()
@@ -554,7 +594,12 @@ def device_round(
         probe_started = clock()
         layer_scores = probe_layers(runner, train, train_indices, probe, seed, round_num, device)
         probe_seconds = clock() - probe_started
-    compute_seconds = clock() - started
+    compute_seconds = clock() - started - deferred_seconds
+    if deferred:
+        # Round 1 starts at the start of the run and the device scores once its training (and
+        # probe) is done, so its scores are ready this long after the start; the time to
+        # download round 1's state is left out (the warm-up round exchanges the head, if any).
+        device_state.extra["scores_due_s"] = compute_seconds + deferred_seconds
 
     upload = runner.state(keys)
     device_state.personal = runner.state(personal_keys)

@@ -166,6 +166,7 @@ def curriculum_settings(config: RunConfig) -> CurriculumSettings | None:
         score_batch_size=c.score_batch_size,
         scale_steps=c.scale_steps,
         total_rounds=config.federation.rounds,
+        first_round_pool=c.first_round_pool,
     )
 
 

@@ -327,6 +327,32 @@ def test_background_scoring_delays_only_what_did_not_fit(tiny_encoder_dir, tmp_p
     assert rows[1]["device_costs"][0][3] > 0  # round 1's devices scored in the initialisation phase
 
 
+def test_round_one_does_not_wait_with_a_random_first_pool(tiny_encoder_dir, tmp_path):
+    """first_round_pool=random, end to end (the device files carry when the scores were done):
+    round 1 charges no wait, and a round-1 device sampled again carries its round-1 compute plus
+    its scoring, which the round's time takes only in part or not at all."""
+    from fibecfed.accounting import simulated_round_seconds
+
+    extra = ["method=fibecfed", "method.curriculum.first_round_pool=random", "partition.num_devices=3"]
+    _, rows, _ = _run(tiny_encoder_dir, tmp_path, extra, rounds=3)
+    assert all(cost[3] == 0.0 for cost in rows[1]["device_costs"])
+    elapsed, again = 0.0, 0
+    for row in rows[1:]:
+        costs = row["device_costs"]
+        expected = simulated_round_seconds(
+            [c + max(0.0, bg - elapsed) for c, _, _, bg in costs], [d for _, d, _, _ in costs], [u for _, _, u, _ in costs], 10.0
+        )
+        assert row["sim_time_s"] == pytest.approx(elapsed + expected, abs=2e-3)
+        if row["round"] > 1:
+            for device, cost in zip(row["devices"], costs):
+                if device in rows[1]["devices"] and not any(device in r["devices"] for r in rows[2:row["round"]]):
+                    round_one = rows[1]["device_costs"][rows[1]["devices"].index(device)][0]
+                    assert cost[3] > round_one  # its round-1 compute plus the scoring after it
+                    again += 1
+        elapsed = row["sim_time_s"]
+    assert again > 0  # with 2 of 3 devices a round, some round-1 device comes back
+
+
 def test_personal_layers_below_the_aggregated_one_train_every_kth_participation(tiny_encoder_dir):
     """method.sparse.every=2 with layer 2 aggregated: on a device's second participation layers
     0 and 1 stay as they were (no backward reaches them), layer 3 (above) trains on its masked
@@ -531,3 +557,66 @@ def test_a_device_whose_layer_probe_raises_is_left_out_of_the_choice(monkeypatch
     broken.update({0, 2})
     with pytest.raises(OSError, match="device 0: disk gone"):
         sim_module.Simulation._probe_global_model(simulation, None, {}, request)
+
+
+def test_round_one_trains_on_a_random_pool_and_scores_afterwards(tiny_encoder_dir, monkeypatch):
+    """method.curriculum.first_round_pool=random: a device of round 1 does not wait for its
+    initialisation phase. It trains on a random pool of the round's size, not the easiest share;
+    it scores after training (the same scores: they come from the initial model), and its next
+    participation carries when those were done: its round-1 compute plus the scoring, in seconds
+    from the start of the run. A fake clock: training costs 0 s, the scoring 5 s."""
+    import numpy as np
+
+    import fibecfed.federated as federated
+    from fibecfed.curriculum import class_balanced_pool
+    from fibecfed.federated import DeviceState, device_round, random_round_pool
+    from fibecfed.simulator import curriculum_settings, prepare, train_settings
+
+    common = tiny_run_overrides(tiny_encoder_dir, 4) + ["method=fibecfed", "method.layers.enabled=false", "method.sparse.enabled=false"]
+    config = load_config(None, common + ["method.curriculum.first_round_pool=random"])
+    waits = curriculum_settings(load_config(None, common))
+    prepared = prepare(config)
+    runner, initial = prepared.runner, prepared.runner.state()
+    part, labels = list(prepared.train_parts[0]), prepared.train.labels[list(prepared.train_parts[0])].tolist()
+    now = [0.0]
+    scoring = federated.initial_difficulty
+    pure = DeviceState()
+    scoring(runner, prepared.train, part, pure, initial, waits, 0, 0)  # the scores, untouched by training
+
+    def slow_scoring(*args, **kwargs):
+        now[0] += 5.0
+        return scoring(*args, **kwargs)
+
+    monkeypatch.setattr(federated, "initial_difficulty", slow_scoring)
+    args = (prepared.train, part, train_settings(config))
+    kwargs = dict(curriculum=curriculum_settings(config), initial_state=initial, clock=lambda: now[0])
+
+    waited = device_round(runner, 0, 1, 0, initial, DeviceState(), *args, **{**kwargs, "curriculum": waits})
+    assert waited.background_seconds == 5.0 and waited.compute_seconds == 0.0  # the default waits
+
+    runner.load_state(initial)
+    state = DeviceState()
+    first = device_round(runner, 0, 1, 0, initial, state, *args, **kwargs)
+    assert first.background_seconds == 0.0 and first.compute_seconds == 0.0
+    assert state.extra["scores_due_s"] == 5.0  # 0 s of training + 5 s of scoring
+    fraction = pacing_fraction("linear", 1, 4)  # 0.2 + 0.8 * 1 / 3.2 = 0.45
+    random_pool = random_round_pool(prepared.train, part, 1, kwargs["curriculum"], np.random.default_rng([0, 1, 0, 7]))[0]
+    easiest = class_balanced_pool(part, pure.extra["scores"], labels, fraction)
+    assert first.pool_size == len(random_pool) == len(easiest)
+    assert set(random_pool) != set(easiest)
+    # Online refresh rewrote the scores of the samples it trained on: those of the random pool.
+    changed = {i for i, a, b in zip(part, state.extra["scores"].tolist(), pure.extra["scores"].tolist()) if a != b and a == a}
+    assert changed and changed <= set(random_pool)
+
+    second = device_round(runner, 0, 2, 0, initial, state, *args, **kwargs)
+    assert second.background_seconds == 5.0  # done 5 s after the start; the server charges what the run's time did not cover
+    assert "scores_due_s" not in state.extra
+    assert now[0] == 10.0  # each device state scored once, never again
+
+
+def test_first_round_pool_random_needs_init_scoring(tiny_encoder_dir):
+    from fibecfed.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="first_round_pool=random .* needs method.curriculum.score_at=init"):
+        load_config(None, tiny_run_overrides(tiny_encoder_dir) + [
+            "method=fibecfed", "method.curriculum.first_round_pool=random", "method.curriculum.score_at=first_participation"])
