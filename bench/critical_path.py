@@ -30,7 +30,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fibecfed.compare import GLOBAL, PERSONAL, first_reaching_index, ratio_to_reference, score_rows, sim_time_at_bandwidth
+from fibecfed.compare import (
+    GLOBAL,
+    PERSONAL,
+    _folder_name,
+    first_reaching_index,
+    ratio_to_reference,
+    score_rows,
+    sim_time_at_bandwidth,
+)
 
 Row = dict[str, Any]
 Costs = list[list[float]]
@@ -72,9 +80,10 @@ def time_to_target(
 
 
 def read_runs(folder: Path, method: str, metric: str) -> dict[int, list[Row]]:
-    """{seed: metrics rows} of `method` in a comparison folder."""
+    """{seed: metrics rows} of `method` (a comparison's label, e.g. fibecfed[key=value]) in a
+    comparison folder."""
     runs = {}
-    for path in sorted((folder / method).glob("seed*/metrics.jsonl")):
+    for path in sorted((folder / _folder_name(method)).glob("seed*/metrics.jsonl")):
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         runs[int(path.parent.name.removeprefix("seed"))] = score_rows(rows, metric)
     return runs
@@ -87,6 +96,10 @@ def _fmt(value: float | None) -> str:
 def report(folder: Path, method: str = "fibecfed", reference: str = "fedavg") -> str:
     data = json.loads((folder / "comparison.json").read_text())
     speeds = data["run_bandwidth_mbps"]  # per method
+    missing = [m for m in (method, reference) if m not in speeds]
+    if missing:
+        raise SystemExit(f"{folder / 'comparison.json'} has no {', '.join(missing)}: make it with "
+                         f"`fibecfed compare --report-only` over both methods")
     if speeds[method] != speeds[reference]:
         raise SystemExit(f"{folder}: {method} ran at {speeds[method]} Mbit/s, {reference} at {speeds[reference]}")
     mbps = speeds[method]
@@ -118,7 +131,7 @@ def report(folder: Path, method: str = "fibecfed", reference: str = "fedavg") ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path, help="comparison folders (with comparison.json and run folders)")
-    parser.add_argument("--method", default="fibecfed")
+    parser.add_argument("--method", default="fibecfed", help="the comparison's label of the method to read")
     parser.add_argument("--reference", default="fedavg")
     args = parser.parse_args(argv)
     print("\n".join(report(folder, args.method, args.reference) for folder in args.folders))

@@ -1,13 +1,14 @@
 """Final scores seed by seed, from finished run folders, with the paired differences.
 
-    python bench/finals.py bench/results/tweets-5seeds [--against bench/results/tweets-5seeds-f514cc6]
+    python bench/finals.py bench/results/tweets-5seeds [--against bench/results/tweets-5seeds-f514cc6] [--last 5]
 
 A comparison's table gives each method's final score as a mean and spread over seeds. With a few
 seeds and label-skewed devices the final (one evaluation, after the last round) swings by up to
 ±0.1 from one seed to the next, for every method alike, so the spread hides whether one method
 ends lower seed after seed. This prints every seed's final global and personalised score, per
 method, and each method's difference to the reference (fedavg if present) on the same seed.
-`--against` adds the runs of a second folder (e.g. the same method at an earlier commit) under
+`--last K` reads each run's metrics instead and gives every score's mean over its last K evaluations,
+which one evaluation's swing moves less. `--against` adds the runs of a second folder (e.g. the same method at an earlier commit) under
 "<method>@<folder name>", paired on the seed as well.
 """
 
@@ -20,15 +21,27 @@ import sys
 from pathlib import Path
 
 SCORES = (("final_accuracy", "global"), ("final_personalized_accuracy", "personalised"))
+ROW_KEYS = {"final_accuracy": "accuracy", "final_personalized_accuracy": "personalized_accuracy"}  # in metrics.jsonl
 
 
-def read_finals(folder: Path, suffix: str = "") -> dict[str, dict[int, dict[str, float]]]:
-    """{method: {seed: {score key: value}}} from <folder>/<method>/seed<N>/summary.json."""
+def last_mean(rows: list[dict], key: str, last: int) -> float | None:
+    """The mean of `key` over the last `last` rounds that recorded it (round 0 left out)."""
+    values = [r[key] for r in rows if r.get("round", 0) > 0 and r.get(key) is not None][-last:]
+    return statistics.fmean(values) if values else None
+
+
+def read_finals(folder: Path, suffix: str = "", last: int | None = None) -> dict[str, dict[int, dict[str, float]]]:
+    """{method: {seed: {score key: value}}} from <folder>/<method>/seed<N>/summary.json; with
+    `last`, each score is instead its mean over the run's last `last` evaluations (metrics.jsonl)."""
     out: dict[str, dict[int, dict[str, float]]] = {}
     for summary in sorted(folder.glob("*/seed*/summary.json")):
         method = summary.parent.parent.name + suffix
         seed = int(summary.parent.name.removeprefix("seed"))
-        data = json.loads(summary.read_text())
+        if last is None:
+            data = json.loads(summary.read_text())
+        else:
+            rows = [json.loads(line) for line in (summary.parent / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            data = {key: last_mean(rows, ROW_KEYS[key], last) for key, _ in SCORES}
         out.setdefault(method, {})[seed] = {key: data[key] for key, _ in SCORES if data.get(key) is not None}
     return out
 
@@ -43,11 +56,12 @@ def spread(values: list[float]) -> float:
     return statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
-def table(finals: dict[str, dict[int, dict[str, float]]], reference: str) -> str:
+def table(finals: dict[str, dict[int, dict[str, float]]], reference: str, last: int | None = None) -> str:
     seeds = sorted({s for runs in finals.values() for s in runs})
     lines = []
     for key, name in SCORES:
-        lines += [f"Final {name} score, seed by seed (difference to {reference} on the same seed in brackets):", ""]
+        what = f"Final {name} score" if last is None else f"Mean {name} score over the last {last} evaluations"
+        lines += [f"{what}, seed by seed (difference to {reference} on the same seed in brackets):", ""]
         lines.append("| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± spread | mean difference | lower on |")
         lines.append("|---" * (len(seeds) + 4) + "|")
         for method, runs in finals.items():
@@ -74,10 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--against", type=Path, help="a second comparison folder, paired on the seed")
     parser.add_argument("--reference", default=None, help="method the differences are to (default: fedavg if present)")
+    parser.add_argument("--last", type=int, default=None, metavar="K",
+                        help="each score's mean over the last K evaluations instead of the final one (which swings)")
     args = parser.parse_args(argv)
-    finals = read_finals(args.folder)
+    if args.last is not None and args.last < 1:
+        parser.error(f"--last must be >= 1, got {args.last}")
+    finals = read_finals(args.folder, last=args.last)
     if args.against is not None:
-        finals.update(read_finals(args.against, suffix=f"@{args.against.name}"))
+        finals.update(read_finals(args.against, suffix=f"@{args.against.name}", last=args.last))
     if not finals:
         print(f"no finished runs (<method>/seed<N>/summary.json) under {args.folder}", file=sys.stderr)
         return 1
@@ -85,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if reference not in finals:
         print(f"reference {reference!r} not among {', '.join(finals)}", file=sys.stderr)
         return 1
-    print(table(finals, reference))
+    print(table(finals, reference, args.last))
     return 0
 
 

@@ -4,7 +4,7 @@
 # script can be started again after an interruption. SST-2 is the tuning set (bench/tune.py) and
 # is left out on purpose.
 #   bash bench/run_benchmarks.sh [SHARED_DATASETS] [SEEDS] [METHODS]
-# Then the summary table: python bench/benchmarks.py --summary-only --datasets subj,tweets,tweets-default,tweets-smollm2,tweets-paper
+# Then the summary table: python bench/benchmarks.py --summary-only --datasets subj,tweets,tweets-default,bbc-default,tweets-smollm2,tweets-paper
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared=$(cd "${1:-../shared/datasets}" && pwd)
@@ -31,6 +31,9 @@ fib="$(dirname "$0")/../.venv/bin/fibecfed"
   # The default step-based config (`fibecfed run` with no arguments): ~1,700 tweets a device,
   # 4 steps of 16 a round: compute weighs.
   $fib compare --no-progress --methods "$methods" --seeds "$seeds" --out bench/results/tweets-default
+  # The same default config on a dataset no default was chosen on or looked at before (packaged
+  # BBC News, 5 topics): what a new user gets on their own data.
+  $fib compare --no-progress --methods "$methods" --seeds "$seeds" --out bench/results/bbc-default data.name=bbc_news
   # The server optimiser: FibecFed under FedAdam against FedAdam and FedAvg (server lr 0.01, tuned).
   $fib compare --config bench --no-progress --seeds "$seeds" --out bench/results/tweets-adam data.name=tweets \
     --methods 'fedavg,fedadam[federation.server_opt.lr=0.01],fibecfed,fibecfed[federation.server_opt.kind=adam;federation.server_opt.lr=0.01]'

@@ -89,7 +89,8 @@ SPARSE_GRID: dict[str, list[list[str]]] = {
 # initialisation-phase scores, which the devices of round 1 must wait for, or a random pool of the
 # same size while they score in the background (bench/critical_path.py bounds the time it saves).
 FIRST_POOL_GRID: dict[str, list[list[str]]] = {
-    "fibecfed": [[], ["method.curriculum.first_round_pool=random"]],
+    # Both values spelled out, so the run folders keep their meaning if the default changes.
+    "fibecfed": [["method.curriculum.first_round_pool=scored"], ["method.curriculum.first_round_pool=random"]],
     "fedavg": [[]],  # a reference row: FedAvg has no such switch
 }
 GRIDS = {"client": GRID, "server": SERVER_GRID, "measure": MEASURE_GRID, "labelwords": LABEL_WORDS_GRID,

@@ -313,8 +313,11 @@ class CurriculumConfig:
     # With score_at=init, what the devices of round 1 train on: "scored", the easiest share by
     # their scores (they wait for their initialisation phase: the run has only just started);
     # "random", a random pool of the round's size (class-balanced if class_balanced), scoring
-    # after the round in the background, so that round 1 does not wait for it.
-    first_round_pool: Literal["scored", "random"] = "scored"
+    # after the round in the background, so that round 1 does not wait for it. None: "random"
+    # with score_at=init (chosen on the tuning set, docs/defaults.md), else "scored" (a device
+    # that scores at its first participation has no initialisation phase to wait for). Runs
+    # saved before this key existed used "scored" (simulator.PREDATED_DEFAULTS).
+    first_round_pool: Literal["scored", "random"] | None = None
     # Score at most this many of a device's samples (a seeded random subset; null: all). The
     # others rank after the scored ones and join the pool last.
     score_samples: int | None = 256
@@ -461,6 +464,8 @@ class MethodConfig:
             # On for the head score in the easy-first order (hard-first with refreshed scores
             # would rotate through the samples it has just made easy).
             self.curriculum.online_refresh = self.curriculum.score_wrt == "head" and self.curriculum.order == "easy_first"
+        if self.curriculum.first_round_pool is None:
+            self.curriculum.first_round_pool = "random" if self.curriculum.score_at == "init" else "scored"
         if self.prox_mu is None:
             self.prox_mu = TUNED_PROX_MU if self.name == "fedprox" else 0.0
 

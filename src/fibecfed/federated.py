@@ -76,7 +76,7 @@ class CurriculumSettings:
     score_batch_size: int = 32
     scale_steps: bool = False
     total_rounds: int = 1
-    first_round_pool: str = "scored"
+    first_round_pool: str = "random"
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ same output folder resumes after the last completed round.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -212,10 +213,35 @@ def different_run_error(out: Path, differences: Sequence[str], start_over: str) 
     return ConfigError(f"{out} holds a run with a different config (it differs in {shown}); {start_over}")
 
 
+# Keys whose default changed after they were added: a run saved before the key existed ran
+# with the value given here, not with today's default.
+PREDATED_DEFAULTS: dict[tuple[str, ...], Any] = {("method", "curriculum", "first_round_pool"): "scored"}
+# Method parts that a config can switch off: while a part is off in both configs, its other keys
+# do not change the run (FedAvg's run is the same whatever its curriculum settings say).
+SWITCHED_PARTS = (("method", "curriculum"), ("method", "layers"), ("method", "sparse"))
+
+
+def _at(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
 def saved_config_differences(saved: dict[str, Any], config: RunConfig) -> list[str]:
-    """What differs between a run folder's saved config and `config`, defaults of the method considered."""
+    """What differs between a run folder's saved config and `config`, defaults of the method
+    considered, with PREDATED_DEFAULTS filled into a saved config that predates them, and the keys
+    of a method part that is off in both left out."""
+    saved = copy.deepcopy(saved)
+    for path, value in PREDATED_DEFAULTS.items():
+        parent = _at(saved, path[:-1])
+        if isinstance(parent, dict) and path[-1] not in parent:
+            parent[path[-1]] = value
+    current = config_to_dict(config)
     defaults = config_to_dict(load_config(None, [f"method={config.method.name}"]))
-    return config_differences(saved, config_to_dict(config), defaults)
+    off = [".".join(part) + "." for part in SWITCHED_PARTS
+           if _at(saved, part + ("enabled",)) is False and _at(current, part + ("enabled",)) is False]
+    return [d for d in config_differences(saved, current, defaults)
+            if not any(d.startswith(prefix) and d != prefix + "enabled" for prefix in off)]
 
 
 def data_fingerprint(prepared: Prepared) -> str:

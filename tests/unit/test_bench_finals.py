@@ -43,3 +43,19 @@ def test_empty_folder_and_unknown_reference_are_refused(tmp_path, capsys):
     write_run(tmp_path, "fedavg", 0, 0.5, 0.5)
     assert finals.main([str(tmp_path), "--reference", "fedprox"]) == 1
     assert "fedprox" in capsys.readouterr().err
+
+
+def test_mean_over_the_last_evaluations(tmp_path, capsys):
+    for method, accuracies in (("fedavg", [0.5, 0.7, 0.9, 0.8]), ("fibecfed", [0.6, 0.8, None, 0.6])):
+        write_run(tmp_path, method, 0, accuracies[-1], None)
+        rows = [{"round": 0, "accuracy": 0.1}] + [{"round": r + 1, "accuracy": a} for r, a in enumerate(accuracies)]
+        (tmp_path / method / "seed0" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    read = finals.read_finals(tmp_path, last=2)
+    # fedavg: mean(0.9, 0.8) = 0.85; fibecfed: its last two evaluated rounds, 0.8 and 0.6 (round 3 not evaluated): 0.7
+    assert read["fedavg"][0]["final_accuracy"] == pytest.approx(0.85)
+    assert read["fibecfed"][0]["final_accuracy"] == pytest.approx(0.70)
+    assert "final_personalized_accuracy" not in read["fibecfed"][0]  # never recorded
+    assert finals.main([str(tmp_path), "--last", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "Mean global score over the last 2 evaluations" in out
+    assert "| fibecfed | 0.700 (-0.150) | 0.700 ± 0.000 | -0.150 | 1 of 1 |" in out

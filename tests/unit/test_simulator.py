@@ -314,7 +314,8 @@ def test_background_scoring_delays_only_what_did_not_fit(tiny_encoder_dir, tmp_p
     the part of it that was not done by then. The round's time is recomputed from its costs."""
     from fibecfed.accounting import simulated_round_seconds
 
-    _, rows, _ = _run(tiny_encoder_dir, tmp_path, ["method=fibecfed", "federation.rounds=3"], rounds=3)
+    _, rows, _ = _run(tiny_encoder_dir, tmp_path, ["method=fibecfed", "federation.rounds=3",
+                                                   "method.curriculum.first_round_pool=scored"], rounds=3)
     elapsed = 0.0
     for row in rows[1:]:
         costs = row["device_costs"]
@@ -333,7 +334,7 @@ def test_round_one_does_not_wait_with_a_random_first_pool(tiny_encoder_dir, tmp_
     its scoring, which the round's time takes only in part or not at all."""
     from fibecfed.accounting import simulated_round_seconds
 
-    extra = ["method=fibecfed", "method.curriculum.first_round_pool=random", "partition.num_devices=3"]
+    extra = ["method=fibecfed", "partition.num_devices=3"]  # first_round_pool=random, the default
     _, rows, _ = _run(tiny_encoder_dir, tmp_path, extra, rounds=3)
     assert all(cost[3] == 0.0 for cost in rows[1]["device_costs"])
     elapsed, again = 0.0, 0
@@ -573,8 +574,8 @@ def test_round_one_trains_on_a_random_pool_and_scores_afterwards(tiny_encoder_di
     from fibecfed.simulator import curriculum_settings, prepare, train_settings
 
     common = tiny_run_overrides(tiny_encoder_dir, 4) + ["method=fibecfed", "method.layers.enabled=false", "method.sparse.enabled=false"]
-    config = load_config(None, common + ["method.curriculum.first_round_pool=random"])
-    waits = curriculum_settings(load_config(None, common))
+    config = load_config(None, common)  # first_round_pool=random, the default
+    waits = curriculum_settings(load_config(None, common + ["method.curriculum.first_round_pool=scored"]))
     prepared = prepare(config)
     runner, initial = prepared.runner, prepared.runner.state()
     part, labels = list(prepared.train_parts[0]), prepared.train.labels[list(prepared.train_parts[0])].tolist()
@@ -617,6 +618,34 @@ def test_round_one_trains_on_a_random_pool_and_scores_afterwards(tiny_encoder_di
 def test_first_round_pool_random_needs_init_scoring(tiny_encoder_dir):
     from fibecfed.errors import ConfigError
 
+    # Left unset it follows score_at: random with the initialisation phase, scored without one.
+    assert load_config(None, ["method=fibecfed"]).method.curriculum.first_round_pool == "random"
+    late = load_config(None, ["method=fibecfed", "method.curriculum.score_at=first_participation"])
+    assert late.method.curriculum.first_round_pool == "scored"
+
     with pytest.raises(ConfigError, match="first_round_pool=random .* needs method.curriculum.score_at=init"):
         load_config(None, tiny_run_overrides(tiny_encoder_dir) + [
             "method=fibecfed", "method.curriculum.first_round_pool=random", "method.curriculum.score_at=first_participation"])
+
+
+def test_saved_configs_that_predate_a_changed_default_and_parts_that_are_off(tiny_encoder_dir):
+    """A run saved before method.curriculum.first_round_pool existed ran with "scored", not with
+    today's default; a method part that is off in both configs (FedAvg's curriculum) does not
+    make two runs differ."""
+    from fibecfed.config import config_to_dict
+    from fibecfed.simulator import saved_config_differences
+
+    fib = load_config(None, tiny_run_overrides(tiny_encoder_dir) + ["method=fibecfed"])
+    old = config_to_dict(fib)
+    del old["method"]["curriculum"]["first_round_pool"]
+    assert saved_config_differences(old, fib) == ["method.curriculum.first_round_pool"]
+    scored = load_config(None, tiny_run_overrides(tiny_encoder_dir) + ["method=fibecfed", "method.curriculum.first_round_pool=scored"])
+    assert saved_config_differences(old, scored) == []
+
+    avg = load_config(None, tiny_run_overrides(tiny_encoder_dir))
+    saved = config_to_dict(avg)
+    saved["method"]["curriculum"]["first_round_pool"] = "scored"
+    saved["method"]["sparse"]["share"] = 0.5
+    assert saved_config_differences(saved, avg) == []  # FedAvg: curriculum and sparse update off
+    saved["method"]["curriculum"]["enabled"] = True  # on in one of them: every key counts again
+    assert saved_config_differences(saved, avg) == ["method.curriculum.enabled", "method.curriculum.first_round_pool"]
