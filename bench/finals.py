@@ -40,7 +40,10 @@ def read_finals(folder: Path, suffix: str = "", last: int | None = None) -> dict
         if last is None:
             data = json.loads(summary.read_text())
         else:
-            rows = [json.loads(line) for line in (summary.parent / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            metrics = summary.parent / "metrics.jsonl"
+            if not metrics.is_file():
+                continue  # a summary without its metrics: nothing to average
+            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
             data = {key: last_mean(rows, ROW_KEYS[key], last) for key, _ in SCORES}
         out.setdefault(method, {})[seed] = {key: data[key] for key, _ in SCORES if data.get(key) is not None}
     return out

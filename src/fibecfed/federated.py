@@ -596,9 +596,11 @@ def device_round(
         probe_seconds = clock() - probe_started
     compute_seconds = clock() - started - deferred_seconds
     if deferred:
-        # Round 1 starts at the start of the run and the device scores once its training (and
-        # probe) is done, so its scores are ready this long after the start; the time to
-        # download round 1's state is left out (the warm-up round exchanges the head, if any).
+        # Round 1 starts at the start of the run and the device scores once its training and
+        # probe are done (here it scored before the probe, timed apart: the same seconds), so its
+        # scores are ready this long after the start; the time to download round 1's state is
+        # left out (the warm-up round exchanges the head, if any), and so is a probe before the
+        # round (select_after=0), which the server adds to the round's compute.
         device_state.extra["scores_due_s"] = compute_seconds + deferred_seconds
 
     upload = runner.state(keys)

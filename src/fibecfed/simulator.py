@@ -217,8 +217,10 @@ def different_run_error(out: Path, differences: Sequence[str], start_over: str) 
 # with the value given here, not with today's default.
 PREDATED_DEFAULTS: dict[tuple[str, ...], Any] = {("method", "curriculum", "first_round_pool"): "scored"}
 # Method parts that a config can switch off: while a part is off in both configs, its other keys
-# do not change the run (FedAvg's run is the same whatever its curriculum settings say).
+# do not change the run (FedAvg's run is the same whatever its curriculum settings say), except
+# those another part reads (the sparse update's Fisher probe batches by score_batch_size).
 SWITCHED_PARTS = (("method", "curriculum"), ("method", "layers"), ("method", "sparse"))
+READ_WHEN_OFF = ("method.curriculum.score_batch_size",)
 
 
 def _at(tree: Any, path: tuple[str, ...]) -> Any:
@@ -241,7 +243,7 @@ def saved_config_differences(saved: dict[str, Any], config: RunConfig) -> list[s
     off = [".".join(part) + "." for part in SWITCHED_PARTS
            if _at(saved, part + ("enabled",)) is False and _at(current, part + ("enabled",)) is False]
     return [d for d in config_differences(saved, current, defaults)
-            if not any(d.startswith(prefix) and d != prefix + "enabled" for prefix in off)]
+            if d in READ_WHEN_OFF or not any(d.startswith(prefix) and d != prefix + "enabled" for prefix in off)]
 
 
 def data_fingerprint(prepared: Prepared) -> str:

@@ -647,5 +647,8 @@ def test_saved_configs_that_predate_a_changed_default_and_parts_that_are_off(tin
     saved["method"]["curriculum"]["first_round_pool"] = "scored"
     saved["method"]["sparse"]["share"] = 0.5
     assert saved_config_differences(saved, avg) == []  # FedAvg: curriculum and sparse update off
+    saved["method"]["curriculum"]["score_batch_size"] = 8  # the sparse update's probe reads it even so
+    assert saved_config_differences(saved, avg) == ["method.curriculum.score_batch_size"]
+    saved["method"]["curriculum"]["score_batch_size"] = avg.method.curriculum.score_batch_size
     saved["method"]["curriculum"]["enabled"] = True  # on in one of them: every key counts again
     assert saved_config_differences(saved, avg) == ["method.curriculum.enabled", "method.curriculum.first_round_pool"]
