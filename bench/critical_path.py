@@ -33,7 +33,7 @@ from typing import Any
 from fibecfed.compare import (
     GLOBAL,
     PERSONAL,
-    _folder_name,
+    folder_name,
     first_reaching_index,
     ratio_to_reference,
     score_rows,
@@ -83,7 +83,7 @@ def read_runs(folder: Path, method: str, metric: str) -> dict[int, list[Row]]:
     """{seed: metrics rows} of `method` (a comparison's label, e.g. fibecfed[key=value]) in a
     comparison folder."""
     runs = {}
-    for path in sorted((folder / _folder_name(method)).glob("seed*/metrics.jsonl")):
+    for path in sorted((folder / folder_name(method)).glob("seed*/metrics.jsonl")):
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         runs[int(path.parent.name.removeprefix("seed"))] = score_rows(rows, metric)
     return runs

@@ -802,7 +802,7 @@ def compare(
                 preflight(run_config)
     # Every run folder that holds a run must hold a run of its config: refused now, not hours in.
     for (label, seed), run_config in configs.items():
-        check_run_folder(out / _folder_name(label) / f"seed{seed}", run_config)
+        check_run_folder(out / folder_name(label) / f"seed{seed}", run_config)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -812,7 +812,7 @@ def compare(
     # of one seed of every method alike, not all the seeds of one method (the paired ratios).
     for seed in seeds:
         for m in methods:
-            run_dir = out / _folder_name(m.label) / f"seed{seed}"
+            run_dir = out / folder_name(m.label) / f"seed{seed}"
             logger.info("running %s, seed %d -> %s", m.label, seed, run_dir)
             if progress:
                 print(f"== {m.label}, seed {seed} -> {run_dir}", flush=True)
@@ -930,5 +930,6 @@ def check_run_folder(run_dir: Path, config: RunConfig) -> None:
         raise different_run_error(run_dir, differences, "use another --out, or delete that folder to run it again")
 
 
-def _folder_name(label: str) -> str:
+def folder_name(label: str) -> str:
+    """A method label's run folder name in a comparison's --out (fibecfed[a=b] -> fibecfed_a_b)."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label).strip("_")

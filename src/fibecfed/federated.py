@@ -301,15 +301,27 @@ def curriculum_round_pool(
             runner, train, train_indices, settings, np.random.default_rng([seed, round_num, device, 6])
         )
         _store_scores(device_state, scores, fisher, round_num)
+    return _round_pool(train, train_indices, device_state.extra["scores"], round_num, settings, settings.order, rng)
+
+
+def _round_pool(
+    train: EncodedDataset,
+    train_indices: Sequence[int],
+    scores: Sequence[float] | torch.Tensor,
+    round_num: int,
+    settings: CurriculumSettings,
+    order: str,
+    rng: np.random.Generator,
+) -> tuple[list[int], float]:
+    """The round's pool of ⌈g(t)·n_k⌉ samples in `order` by `scores` (class-balanced if the
+    curriculum is), and g(t)."""
     fraction = pacing_fraction(
         settings.pacing, round_num, settings.total_rounds, start_fraction=settings.start_fraction, full_at=settings.full_at
     )
     if settings.class_balanced:
         labels = train.labels[list(train_indices)].tolist()
-        pool = class_balanced_pool(list(train_indices), device_state.extra["scores"], labels, fraction, order=settings.order, rng=rng)
-    else:
-        pool = curriculum_pool(list(train_indices), device_state.extra["scores"], fraction, order=settings.order, rng=rng)
-    return pool, fraction
+        return class_balanced_pool(list(train_indices), scores, labels, fraction, order=order, rng=rng), fraction
+    return curriculum_pool(list(train_indices), scores, fraction, order=order, rng=rng), fraction
 
 
 def random_round_pool(
@@ -322,14 +334,7 @@ def random_round_pool(
     """A pool of this round's size (⌈g(t)·n_k⌉) drawn at random, class-balanced if the curriculum
     is: a device's first pool when it does not wait for its difficulty scores
     (CurriculumSettings.first_round_pool="random")."""
-    fraction = pacing_fraction(
-        settings.pacing, round_num, settings.total_rounds, start_fraction=settings.start_fraction, full_at=settings.full_at
-    )
-    unscored = [float("nan")] * len(train_indices)
-    if settings.class_balanced:
-        labels = train.labels[list(train_indices)].tolist()
-        return class_balanced_pool(list(train_indices), unscored, labels, fraction, order="random", rng=rng), fraction
-    return curriculum_pool(list(train_indices), unscored, fraction, order="random", rng=rng), fraction
+    return _round_pool(train, train_indices, [float("nan")] * len(train_indices), round_num, settings, "random", rng)
 
 
 def masks_from_fisher(
